@@ -1,0 +1,1 @@
+"""SavedModel to TFLite and ONNX, each checked against the SavedModel."""

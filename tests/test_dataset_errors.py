@@ -1,0 +1,142 @@
+"""Bad input to the covid_ct builder: each gives a clear error naming the file, and leaves no dataset behind."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+from covidct import dataset
+from covidct.cli import main
+from covidct.errors import CovidctError
+from tfds_covidct import CovidCtError
+
+
+def _rewrite_member(zip_path, member, transform):
+  """Rewrites one member of a zip with transform(bytes); returns the new bytes."""
+  with zipfile.ZipFile(zip_path) as zf:
+    items = [(info, zf.read(info.filename)) for info in zf.infolist()]
+  new = None
+  with zipfile.ZipFile(zip_path, "w") as zf:
+    for info, data in items:
+      if info.filename == member:
+        data = new = transform(data)
+      zf.writestr(info, data)
+  return new
+
+
+def _update_manifest(manual, member, data):
+  manifest = manual / "image_hashes.tsv"
+  lines = [f"{member}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}" if line.startswith(member + "\t") else line
+           for line in manifest.read_text().splitlines()]
+  manifest.write_text("\n".join(lines) + "\n")
+
+
+def _build_fails(manual, data_dir, match, builder_cls=None):
+  with pytest.raises((CovidCtError, CovidctError), match=match) as err:
+    dataset.build(manual_dir=str(manual), data_dir=str(data_dir))
+  import tensorflow_datasets as tfds
+
+  assert not tfds.builder("covid_ct", data_dir=str(data_dir)).is_prepared()
+  assert not (data_dir / "covid_ct" / "1.0.0").exists()
+  return str(err.value)
+
+
+COVID_MEMBER = "CT_COVID/2020.01.24.919183-p27-132.png"
+
+
+def test_hash_mismatch(dummy_builder, manual_copy, tmp_path):
+  _rewrite_member(manual_copy / "Images-processed/CT_COVID.zip", COVID_MEMBER, lambda b: b[:-12] + b"\0" * 12)
+  msg = _build_fails(manual_copy, tmp_path / "d", "SHA-256")
+  assert COVID_MEMBER in msg and "CT_COVID.zip" in msg
+
+
+@pytest.mark.parametrize("damage", [lambda b: b"this is not a png at all", lambda b: b[: len(b) // 2]],
+                         ids=["corrupt", "truncated"])
+def test_unreadable_image(dummy_builder, monkeypatch, manual_copy, tmp_path, damage):
+  new = _rewrite_member(manual_copy / "Images-processed/CT_COVID.zip", COVID_MEMBER, damage)
+  _update_manifest(manual_copy, COVID_MEMBER, new)  # the hash matches: the decoder must catch it
+  monkeypatch.setattr(dummy_builder, "IMAGE_HASHES", manual_copy / "image_hashes.tsv")
+  msg = _build_fails(manual_copy, tmp_path / "d", "not a readable image")
+  assert COVID_MEMBER in msg
+
+
+def test_truncated_zip(dummy_builder, manual_copy, tmp_path):
+  path = manual_copy / "Images-processed/CT_NonCOVID.zip"
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  msg = _build_fails(manual_copy, tmp_path / "d", "not a readable zip")
+  assert "CT_NonCOVID.zip" in msg and "download it again" in msg
+
+
+def test_missing_split_file(dummy_builder, manual_copy, tmp_path):
+  (manual_copy / "Data-split/COVID/valCT_COVID.txt").unlink()
+  _build_fails(manual_copy, tmp_path / "d", r"valCT_COVID.txt is missing")
+
+
+def test_split_names_absent_image(dummy_builder, manual_copy, tmp_path):
+  split = manual_copy / "Data-split/NonCOVID/testCT_NonCOVID.txt"
+  split.write_text(split.read_text() + "no-such-image.png\n")
+  msg = _build_fails(manual_copy, tmp_path / "d", "no-such-image.png")
+  assert "testCT_NonCOVID.txt:3" in msg
+
+
+def test_changed_count(dummy_builder, monkeypatch, manual_copy, tmp_path):
+  counts = {s: dict(c) for s, c in dummy_builder.EXPECTED_COUNTS.items()}
+  counts["test"]["COVID"] = 98
+  monkeypatch.setattr(dummy_builder, "EXPECTED_COUNTS", counts)
+  msg = _build_fails(manual_copy, tmp_path / "d", "the official split has 98")
+  assert "testCT_COVID.txt" in msg
+
+
+def test_patient_in_two_splits(dummy_builder, manual_copy, tmp_path):
+  meta = manual_copy / "NonCOVID-CT-MetaInfo.csv"
+  meta.write_text(meta.read_text().replace("medpix_patient_112", "crawled_patient_0"))
+  _build_fails(manual_copy, tmp_path / "d", "crawled_patient_0.*both 'train' and 'test'")
+
+
+def test_manual_dir_missing(dummy_builder, tmp_path):
+  _build_fails(tmp_path / "nowhere", tmp_path / "d", "does not exist")
+
+
+def test_manual_dir_missing_through_tfds(dummy_builder, tmp_path):
+  """The builder itself (as `tfds build --manual_dir` uses it) refuses a missing manual_dir."""
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder("covid_ct", data_dir=str(tmp_path / "d"))
+  with pytest.raises(CovidCtError, match="does not exist or is empty"):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "nowhere")))
+
+
+def test_cli_one_line_error(dummy_builder, manual_copy, tmp_path):
+  (manual_copy / "Images-processed/CT_COVID.zip").write_bytes(b"PK\x03\x04 truncated")
+  result = CliRunner().invoke(main, ["data", "build", "--manual-dir", str(manual_copy), "--data-dir",
+                                     str(tmp_path / "d")])
+  assert result.exit_code == 1
+  assert "Traceback" not in result.output
+  assert result.stderr.startswith("Error: ") and "CT_COVID.zip" in result.stderr
+  assert result.stderr.count("\n") == 1
+
+
+def test_cli_build_and_info(dummy_builder, tmp_path):
+  from tests.conftest import DUMMY_DATA
+
+  runner = CliRunner()
+  built = runner.invoke(main, ["data", "build", "--manual-dir", str(DUMMY_DATA), "--data-dir", str(tmp_path)])
+  assert built.exit_code == 0, built.output
+  assert "train 6, validation 3, test 4" in built.output
+  info = runner.invoke(main, ["data", "info", "--data-dir", str(tmp_path), "--json"])
+  assert info.exit_code == 0, info.output
+  import json
+
+  splits = json.loads(info.output)["splits"]
+  assert splits["validation"] == {"examples": 3, "per_class": {"NonCOVID": 2, "COVID": 1}, "patients": 3,
+                                  "height": splits["validation"]["height"], "width": splits["validation"]["width"]}
+  assert 24 <= splits["train"]["height"][0] <= splits["train"]["height"][1] < 40
+
+
+def test_cli_info_without_dataset(tmp_path):
+  result = CliRunner().invoke(main, ["data", "info", "--data-dir", str(tmp_path)])
+  assert result.exit_code == 1 and "covidct data build" in result.output

@@ -1,0 +1,1 @@
+"""The `covid_ct` dataset."""
