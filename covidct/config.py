@@ -1,0 +1,91 @@
+"""Frozen configs with good defaults, and the named training recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from covidct.errors import CovidctError
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """The article's light augmentation (Keras ImageDataGenerator settings), as fractions and degrees."""
+
+  horizontal_flip: bool = True
+  rotation_degrees: float = 5.0
+  shift: float = 0.05
+  shear: float = 0.05
+  zoom: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run depends on; written next to the model as config.json."""
+
+  recipe: str = "default"
+  model: str = "final"
+  image_size: int = 248
+  batch_size: int = 32
+  epochs: int = 40
+  learning_rate: float = 1e-3
+  monitor: str = "val_auc"  # the validation metric that selects the epoch kept
+  patience: int = 10  # early stopping on `monitor`; best weights restored
+  class_weight: bool = True  # balance the classes in the loss
+  augment: AugmentConfig | None = dataclasses.field(default_factory=AugmentConfig)
+  augment_on: str = "auto"  # 'pipeline' (tf.data, CPU), 'model' (the training step, on the accelerator), 'auto'
+  seed: int = 0
+  strategy: str = "default"  # 'default', 'mirrored', 'multi-worker'
+  mixed_precision: bool = False
+  data_dir: str | None = None
+  shuffle_buffer: int = 1024
+
+  def __post_init__(self):
+    for name in ("image_size", "batch_size", "epochs"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise CovidctError(f"{name} must be a positive integer, got {value!r}.")
+    if self.image_size < 32:
+      raise CovidctError(f"image_size must be at least 32 pixels, got {self.image_size}.")
+    if not self.learning_rate > 0:
+      raise CovidctError(f"learning_rate must be positive, got {self.learning_rate!r}.")
+    if self.patience < 0:
+      raise CovidctError(f"patience must be zero or more, got {self.patience}.")
+    if self.augment_on not in ("auto", "pipeline", "model"):
+      raise CovidctError(f"augment_on must be 'auto', 'pipeline' or 'model', got {self.augment_on!r}.")
+    if self.strategy not in STRATEGIES:
+      raise CovidctError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    if self.monitor not in ("val_auc", "val_loss"):
+      raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    d = dict(d)
+    if d.get("augment") is not None:
+      d["augment"] = AugmentConfig(**d["augment"])
+    return cls(**d)
+
+
+STRATEGIES = ("default", "mirrored", "multi-worker")
+
+# The named recipes. `article` is the article's, as written; `default` is one that learns on the official split.
+RECIPES = {
+    "article": TrainConfig(recipe="article", batch_size=64, epochs=40, learning_rate=0.01, monitor="val_loss",
+                           patience=7, class_weight=False),
+    "default": TrainConfig(recipe="default"),
+}
+
+
+def resolve(recipe: str = "default", **overrides) -> TrainConfig:
+  """The recipe's config with the given fields replaced (None means: keep the recipe's value)."""
+  if recipe not in RECIPES:
+    raise CovidctError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise CovidctError(f"unknown config fields {sorted(unknown)}; known: {sorted(fields)}.")
+  return dataclasses.replace(RECIPES[recipe], **overrides)

@@ -1,0 +1,189 @@
+"""One runner interface, `images (N, S, S, 1) uint8 -> P(COVID) (N,)`, over every artifact we make.
+
+Evaluation, parity, predict and the benchmarks all score models through these, so there is one place that knows
+how to feed each runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from covidct.errors import CovidctError
+from covidct.models import INPUT_NAME, OUTPUT_NAME
+
+
+class Runner:
+  """Base: subclasses set `kind`, `input_name`, `output_name`, `image_size`, `input_dtype` and implement `_run`."""
+
+  kind = "?"
+  input_name = INPUT_NAME
+  output_name = OUTPUT_NAME
+  input_dtype = np.uint8
+  image_size: int
+  max_batch: int | None = None  # None: any batch size
+
+  def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 1):
+      raise CovidctError(f"{self.kind}: expected images of shape (N, {self.image_size}, {self.image_size}, 1), "
+                         f"got {images.shape}; resize with covidct.data.resize_image first.")
+    images = images.astype(np.uint8, copy=False)
+    step = self.max_batch or batch_size
+    out = [np.asarray(self._run(images[i:i + step]), dtype=np.float32).reshape(-1) for i in range(0, len(images), step)]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  def _run(self, batch: np.ndarray) -> np.ndarray:
+    raise NotImplementedError
+
+
+class SavedModelRunner(Runner):
+  """The SavedModel's `serving_default` signature (uint8 `image` -> `covid_probability`)."""
+
+  kind = "saved_model"
+
+  def __init__(self, path):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    path = pathlib.Path(path)
+    if not (path / "saved_model.pb").exists():
+      raise CovidctError(f"{path} is not a SavedModel (no saved_model.pb); pass a training output folder or its "
+                         "saved_model/ folder.")
+    try:
+      self.model = tf.saved_model.load(str(path))
+    except Exception as e:  # TF raises many types for a damaged SavedModel
+      raise CovidctError(f"{path}: cannot load the SavedModel ({type(e).__name__}); it is damaged or truncated: "
+                         "export it again.") from e
+    sig = self.model.signatures.get("serving_default")
+    if sig is None:
+      raise CovidctError(f"{path}: no 'serving_default' signature; export the model with covidct train.")
+    inputs = sig.structured_input_signature[1]
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in sig.structured_outputs:
+      raise CovidctError(f"{path}: serving_default takes {sorted(inputs)} and returns {sorted(sig.structured_outputs)}; "
+                         f"expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'.")
+    spec = inputs[INPUT_NAME]
+    if spec.dtype != tf.uint8 or spec.shape.rank != 4 or spec.shape[1] != spec.shape[2] or spec.shape[3] != 1:
+      raise CovidctError(f"{path}: input '{INPUT_NAME}' is {spec}; expected uint8 (None, S, S, 1).")
+    self.image_size = int(spec.shape[1])
+    self.signature = sig
+    self.path = path
+
+  def _run(self, batch):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    return self.signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
+
+
+class KerasRunner(Runner):
+  """A Keras model (float32 [0, 255] input), called directly: what users do without exporting."""
+
+  kind = "keras"
+
+  def __init__(self, model_or_path):
+    import keras  # pylint: disable=import-outside-toplevel
+
+    self.model = keras.saving.load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) \
+        else model_or_path
+    self.image_size = int(self.model.input_shape[1])
+
+  def _run(self, batch):
+    return self.model(batch.astype(np.float32), training=False)
+
+
+class LiteRTRunner(Runner):
+  """A .tflite file under ai_edge_litert (XNNPACK on CPU); handles quantized uint8/int8 inputs and outputs."""
+
+  kind = "tflite"
+
+  def __init__(self, path, num_threads: int | None = None):
+    from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise CovidctError(f"{path} does not exist.")
+    try:
+      self.interpreter = litert.Interpreter(model_path=str(path), num_threads=num_threads)
+    except (ValueError, RuntimeError) as e:
+      raise CovidctError(f"{path}: not a loadable TFLite model ({str(e).splitlines()[0]}); export it again.") from e
+    self.input = self.interpreter.get_input_details()[0]
+    self.output = self.interpreter.get_output_details()[0]
+    self.input_name, self.output_name = self.input["name"], self.output["name"]
+    self.input_dtype = self.input["dtype"]
+    self.image_size = int(self.input["shape"][1])
+    self._batch = None
+    self.path = path
+
+  def _resize(self, n):
+    if self._batch != n:
+      self.interpreter.resize_tensor_input(self.input["index"], [n, self.image_size, self.image_size, 1])
+      self.interpreter.allocate_tensors()
+      self._batch = n
+
+  def _run(self, batch):
+    self._resize(len(batch))
+    x = batch
+    scale, zero = self.input["quantization"]
+    if self.input_dtype == np.int8:  # quantized input: real = scale * (q - zero)
+      x = np.clip(np.round(batch.astype(np.float32) / scale + zero), -128, 127).astype(np.int8)
+    elif self.input_dtype == np.float32:
+      x = batch.astype(np.float32)
+    self.interpreter.set_tensor(self.input["index"], x)
+    self.interpreter.invoke()
+    y = self.interpreter.get_tensor(self.output["index"])
+    scale, zero = self.output["quantization"]
+    if self.output["dtype"] in (np.int8, np.uint8) and scale:
+      y = (y.astype(np.float32) - zero) * scale
+    return y
+
+
+class OnnxRunner(Runner):
+  """An .onnx file under ONNX Runtime (CPU execution provider unless `providers` says otherwise)."""
+
+  kind = "onnx"
+
+  def __init__(self, path, num_threads: int | None = None, providers=None, optimization: str = "all"):
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise CovidctError(f"{path} does not exist.")
+    opts = ort.SessionOptions()
+    if num_threads:
+      opts.intra_op_num_threads = num_threads
+      opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    try:
+      self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+      raise CovidctError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]}); export it again.") from e
+    inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+    self.input_name, self.output_name = inp.name, out.name
+    self.input_dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(inp.type, np.uint8)
+    self.image_size = int(inp.shape[1])
+    self.path = path
+
+  def _run(self, batch):
+    return self.session.run([self.output_name], {self.input_name: batch.astype(self.input_dtype)})[0]
+
+
+def load_runner(path, **kwargs) -> Runner:
+  """The runner for an artifact: a training output folder, a SavedModel folder, .keras, .tflite or .onnx."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise CovidctError(f"{path} does not exist; pass a training output folder, a SavedModel, .keras, .tflite or .onnx.")
+  if path.is_dir():
+    if (path / "saved_model" / "saved_model.pb").exists():
+      return SavedModelRunner(path / "saved_model")
+    return SavedModelRunner(path)
+  suffix = path.suffix.lower()
+  if suffix == ".tflite":
+    return LiteRTRunner(path, **kwargs)
+  if suffix == ".onnx":
+    return OnnxRunner(path, **kwargs)
+  if suffix == ".keras":
+    return KerasRunner(path)
+  raise CovidctError(f"{path}: unknown model format {suffix!r}; expected a SavedModel folder, .keras, .tflite or .onnx.")

@@ -1,0 +1,161 @@
+"""Training: fit under a tf.distribute strategy, keep the best validation epoch, write a SavedModel and friends."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import numpy as np
+
+from covidct.config import TrainConfig
+from covidct.errors import CovidctError
+from covidct.models import INPUT_NAME, OUTPUT_NAME, build_model
+
+
+def make_strategy(name: str):
+  """'default' (one device), 'mirrored' (all local devices), 'multi-worker' (cluster from TF_CONFIG)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  if name == "multi-worker":
+    if "TF_CONFIG" not in os.environ:
+      raise CovidctError("strategy 'multi-worker' reads the cluster from TF_CONFIG, which is not set; set it on "
+                         "every worker, or use --strategy mirrored for one machine.")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  raise CovidctError(f"unknown strategy {name!r}; choose default, mirrored or multi-worker.")
+
+
+def export_saved_model(model, path, image_size: int) -> None:
+  """SavedModel with `serving_default`: uint8 `image` (None, S, S, 1) -> `covid_probability` (None, 1).
+
+  No augmentation layer is ever in `model`, so the exported copy is the inference model.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8, name=INPUT_NAME)])
+  def serve(image):
+    return {OUTPUT_NAME: tf.cast(model(tf.cast(image, tf.float32), training=False), tf.float32)}
+
+  archive.add_endpoint("serving_default", serve)
+  archive.write_out(str(path), verbose=False)
+
+
+def plot_history(history: dict, path) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  metrics = [m for m in ("loss", "auc", "binary_accuracy", "recall") if m in history]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+  for ax, m in zip(np.atleast_1d(axes), metrics):
+    epochs = np.arange(1, len(history[m]) + 1)
+    ax.plot(epochs, history[m], label="train")
+    if f"val_{m}" in history:
+      ax.plot(epochs, history[f"val_{m}"], label="validation")
+    ax.set_title(m)
+    ax.set_xlabel("epoch")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _class_weight(data_dir, enabled: bool):
+  if not enabled:
+    return None
+  from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  ds = load_builder(data_dir).as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  labels = np.array([int(e["label"]) for e in tfds.as_numpy(ds.map(lambda e: {"label": e["label"]}))])
+  counts = np.bincount(labels, minlength=2)
+  return {c: float(len(labels) / (2 * counts[c])) for c in (0, 1)}
+
+
+def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) -> dict:
+  """Trains `cfg` and writes `out_dir`: saved_model/, model.keras, config.json, history.json, logs/, curves.png.
+
+  Everything is written to a temporary sibling folder and renamed at the end: an interrupted run leaves nothing
+  under `out_dir`. Returns a summary (best epoch, validation metrics, wall time).
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  from covidct.data import build_augmenter, build_inputs  # pylint: disable=import-outside-toplevel
+  from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out_dir)
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  load_builder(cfg.data_dir)  # a clear error before anything is written when the dataset is missing
+  gpus = tf.config.list_physical_devices("GPU")
+  if cfg.mixed_precision and not gpus:
+    raise CovidctError("mixed precision needs a GPU and none is visible; drop --mixed-precision.")
+  augment_on = cfg.augment_on if cfg.augment_on != "auto" else ("model" if gpus else "pipeline")
+
+  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    start = time.time()
+    keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()
+    if cfg.mixed_precision:
+      keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = make_strategy(cfg.strategy)
+    batch = cfg.batch_size * strategy.num_replicas_in_sync
+    train_ds = build_inputs("train", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
+                            training=True, augment=cfg.augment if augment_on == "pipeline" else None,
+                            seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    val_ds = build_inputs("validation", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch)
+    with strategy.scope():
+      model = build_model(cfg)
+      fit_model = model
+      if augment_on == "model" and cfg.augment is not None:
+        # Augmentation in the training step (on the accelerator), in a wrapper: `model` itself never holds it.
+        fit_model = keras.Sequential([build_augmenter(cfg.augment, cfg.seed), model], name="train_wrapper")
+      fit_model.compile(
+          optimizer=keras.optimizers.Adam(cfg.learning_rate),
+          loss=keras.losses.BinaryCrossentropy(),
+          metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc"),
+                   keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
+      )
+    mode = "max" if cfg.monitor == "val_auc" else "min"
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience or cfg.epochs,
+                                      restore_best_weights=True, verbose=min(verbose, 1)),
+        keras.callbacks.TensorBoard(log_dir=str(tmp / "logs")),
+    ]
+    hist = fit_model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+                         class_weight=_class_weight(cfg.data_dir, cfg.class_weight), verbose=verbose)
+    history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+    scores = history[cfg.monitor]
+    best = int(np.argmax(scores) if mode == "max" else np.argmin(scores))
+    model.save(tmp / "model.keras")
+    export_saved_model(model, tmp / "saved_model", cfg.image_size)
+    (tmp / "config.json").write_text(cfg.to_json())
+    plot_history(history, tmp / "curves.png")
+    summary = {
+        "best_epoch": best + 1, "epochs_run": len(scores), "monitor": cfg.monitor,
+        "validation": {k[4:]: history[k][best] for k in history if k.startswith("val_")},
+        "augment_on": augment_on, "replicas": strategy.num_replicas_in_sync, "wall_time_s": time.time() - start,
+    }
+    (tmp / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+    return summary
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
