@@ -8,6 +8,8 @@ import os
 
 import click
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
+
 
 def _friendly(fn):
   """Turns the errors a user can fix into a one-line message and exit code 1, never a traceback."""
@@ -35,15 +37,10 @@ def _friendly(fn):
   return wrapper
 
 
-def _quiet_tensorflow():
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="covidct")
 def main():
   """COVID-CT: build the dataset, train, evaluate, export, push and benchmark a COVID-19 CT classifier."""
-  _quiet_tensorflow()
 
 
 @main.group()
@@ -87,6 +84,91 @@ def data_info(data_dir, as_json):
   for split, s in info["splits"].items():
     click.echo(f"{split:<11}{s['examples']:>7}{s['per_class']['COVID']:>7}{s['per_class']['NonCOVID']:>9}"
                f"{s['patients']:>9}  {s['height'][0]:>5}-{s['height'][1]:<5}  {s['width'][0]:>5}-{s['width'][1]:<5}")
+
+
+def _positive(ctx, param, value):
+  if value is not None and value <= 0:
+    raise click.BadParameter(f"must be positive, got {value}.")
+  return value
+
+
+@main.command("train")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--recipe", type=click.Choice(["default", "article"]), default="default", show_default=True,
+              help="'article': the article's recipe as written; 'default': one that learns on the official split.")
+@click.option("--model", default=None, help="Architecture: final, basic, too_simple (default: the recipe's).")
+@click.option("--epochs", type=int, default=None, callback=_positive)
+@click.option("--batch-size", type=int, default=None, callback=_positive, help="Per replica.")
+@click.option("--image-size", type=int, default=None, callback=_positive)
+@click.option("--learning-rate", type=float, default=None, callback=_positive)
+@click.option("--seed", type=int, default=None)
+@click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default=None,
+              help="tf.distribute strategy: one device, all local devices, or the cluster in TF_CONFIG.")
+@click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 (GPU only).")
+@click.option("--augment-on", type=click.Choice(["auto", "pipeline", "model"]), default=None,
+              help="Where augmentation runs: tf.data on the CPU, or the training step on the accelerator.")
+@_DATA_DIR
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+@_friendly
+def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
+              mixed_precision, augment_on, data_dir, overwrite, quiet):
+  """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from covidct.config import resolve  # pylint: disable=import-outside-toplevel
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.models import MODELS  # pylint: disable=import-outside-toplevel
+
+  if model is not None and model not in MODELS:
+    raise CovidctError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}.")
+  if pathlib.Path(out_dir).exists() and not overwrite:
+    raise CovidctError(f"output folder {out_dir} exists; choose another or pass --overwrite.")
+  cfg = resolve(recipe, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                learning_rate=learning_rate, seed=seed, strategy=strategy, mixed_precision=mixed_precision,
+                augment_on=augment_on, data_dir=data_dir)
+  from covidct.train import train  # pylint: disable=import-outside-toplevel
+
+  summary = train(cfg, out_dir, overwrite=overwrite, verbose=2 if quiet else 1)
+  val = summary["validation"]
+  click.echo(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: validation AUC {val.get('auc', float('nan')):.3f}, "
+             f"loss {val['loss']:.3f}; {summary['wall_time_s']:.0f} s. Model in {out_dir}/saved_model")
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path())
+@click.option("--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder (default: MODEL/evaluation-SPLIT for a folder, else next to the file).")
+@click.option("--target-sensitivity", type=float, default=0.90, show_default=True,
+              help="The operating threshold is the highest one reaching this sensitivity on validation.")
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Resamples over patients.")
+@_DATA_DIR
+@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+@_friendly
+def evaluate_cmd(model, split, out_dir, target_sensitivity, n_boot, data_dir, overwrite):
+  """Evaluate MODEL (training folder, SavedModel, .keras, .tflite or .onnx) on a split; write a report."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+  if not 0 < target_sensitivity <= 1:
+    raise CovidctError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}.")
+  path = pathlib.Path(model)
+  out = pathlib.Path(out_dir) if out_dir else (path / f"evaluation-{split}" if path.is_dir()
+                                               else path.with_name(f"{path.stem}-evaluation-{split}"))
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another with --out or pass --overwrite.")
+  from covidct.evaluate import evaluate, markdown, write_report  # pylint: disable=import-outside-toplevel
+  from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
+
+  runner = load_runner(path)
+  report = evaluate(runner, runner.image_size, data_dir=data_dir, split=split,
+                    target_sensitivity=target_sensitivity, n_boot=n_boot)
+  report["model"] = str(path)
+  write_report(report, out, overwrite=overwrite, title=f"Evaluation of {path.name}")
+  click.echo(markdown(report, f"Evaluation of {path.name}"))
+  click.echo(f"Report: {out}/report.md")
 
 
 if __name__ == "__main__":

@@ -59,23 +59,26 @@ def load_split(split: str, data_dir: str | None, image_size: int, with_meta: boo
 
 def build_inputs(split: str, *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
                  training: bool = False, augment: AugmentConfig | None = None, seed: int = 0,
-                 shuffle_buffer: int = 1024, cache: bool = True) -> tf.data.Dataset:
+                 shuffle_buffer: int = 1024, cache: bool = True, drop_remainder: bool = False) -> tf.data.Dataset:
   """Batches of (float32 images in [0, 255], float32 labels) for Keras.
 
   Decode and resize run in parallel and are cached; training shuffles (seeded) and, with `augment`, applies the
-  augmentation to whole batches. Evaluation splits are never augmented nor shuffled.
+  augmentation to whole batches. Evaluation splits are never augmented nor shuffled. `drop_remainder` keeps every
+  batch full (what a multi-replica strategy needs for training).
   """
   ds = load_split(split, data_dir, image_size)
   if cache:
     ds = ds.cache()
   if training:
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.batch(batch_size)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=AUTOTUNE)
   if training and augment is not None:
     augmenter = build_augmenter(augment, seed)
     apply = tf.autograph.experimental.do_not_convert(lambda x, y: (augmenter(x, training=True), y))
-    ds = ds.map(apply, num_parallel_calls=AUTOTUNE)
+    # One batch at a time: the layers draw from a seeded random state, so parallel calls would race for it.
+    # Each call is a vectorised op over the whole batch, multi-threaded inside TensorFlow.
+    ds = ds.map(apply)
   return ds.prefetch(AUTOTUNE)
 
 

@@ -71,6 +71,33 @@ def plot_history(history: dict, path) -> None:
   plt.close(fig)
 
 
+def _validation_callback(model, val_ds):
+  """Validation metrics by `predict` + scikit-learn, written into the epoch logs as val_*.
+
+  Keras 3.15's `evaluate` fails under a multi-replica strategy on a partial last batch (AddN shape mismatch), and
+  `predict` does not; one path for every strategy, with exact (not interpolated) ROC AUC.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  from sklearn import metrics as skm  # pylint: disable=import-outside-toplevel
+
+  labels = np.concatenate([y.numpy() for _, y in val_ds]).astype(int)
+
+  class Validation(keras.callbacks.Callback):
+
+    def on_epoch_end(self, epoch, logs=None):
+      p = np.clip(model.predict(val_ds, verbose=0).reshape(-1).astype(np.float64), 1e-7, 1 - 1e-7)
+      pred = (p >= 0.5).astype(int)
+      logs.update({
+          "val_loss": float(skm.log_loss(labels, p, labels=[0, 1])),
+          "val_auc": float(skm.roc_auc_score(labels, p)) if len(set(labels)) == 2 else float("nan"),
+          "val_binary_accuracy": float(skm.accuracy_score(labels, pred)),
+          "val_precision": float(skm.precision_score(labels, pred, zero_division=0)),
+          "val_recall": float(skm.recall_score(labels, pred, zero_division=0)),
+      })
+
+  return Validation()
+
+
 def _class_weight(data_dir, enabled: bool):
   if not enabled:
     return None
@@ -117,7 +144,8 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     batch = cfg.batch_size * strategy.num_replicas_in_sync
     train_ds = build_inputs("train", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
                             training=True, augment=cfg.augment if augment_on == "pipeline" else None,
-                            seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+                            seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                            drop_remainder=strategy.num_replicas_in_sync > 1)
     val_ds = build_inputs("validation", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch)
     with strategy.scope():
       model = build_model(cfg)
@@ -133,11 +161,12 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
       )
     mode = "max" if cfg.monitor == "val_auc" else "min"
     callbacks = [
+        _validation_callback(model, val_ds),
         keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience or cfg.epochs,
                                       restore_best_weights=True, verbose=min(verbose, 1)),
         keras.callbacks.TensorBoard(log_dir=str(tmp / "logs")),
     ]
-    hist = fit_model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+    hist = fit_model.fit(train_ds, epochs=cfg.epochs, callbacks=callbacks,
                          class_weight=_class_weight(cfg.data_dir, cfg.class_weight), verbose=verbose)
     history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
     scores = history[cfg.monitor]

@@ -1,0 +1,201 @@
+"""Evaluation clinicians ask for, of any "images in, probabilities out" function.
+
+Metrics at 0.5 and at an operating threshold chosen on the validation split for a target sensitivity, 95%
+confidence intervals by bootstrap over patients, and JSON + Markdown + PNG reports. scikit-learn computes the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Callable
+
+import numpy as np
+from sklearn import metrics as skm
+
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1")
+RANKING_METRICS = ("roc_auc", "pr_auc")
+
+
+def threshold_metrics(y, p, threshold: float) -> dict:
+  """Accuracy, sensitivity (recall), specificity, precision, F1 and the confusion matrix at one threshold."""
+  y = np.asarray(y).astype(int)
+  pred = (np.asarray(p) >= threshold).astype(int)
+  tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+  return {
+      "accuracy": float(skm.accuracy_score(y, pred)),
+      "sensitivity": float(skm.recall_score(y, pred, pos_label=1, zero_division=0)),
+      "specificity": float(skm.recall_score(y, pred, pos_label=0, zero_division=0)),
+      "precision": float(skm.precision_score(y, pred, zero_division=0)),
+      "f1": float(skm.f1_score(y, pred, zero_division=0)),
+      "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+  }
+
+
+def ranking_metrics(y, p) -> dict:
+  """ROC AUC and PR AUC (average precision); NaN when only one class is present."""
+  y = np.asarray(y).astype(int)
+  if len(np.unique(y)) < 2:
+    return {"roc_auc": float("nan"), "pr_auc": float("nan")}
+  return {"roc_auc": float(skm.roc_auc_score(y, p)), "pr_auc": float(skm.average_precision_score(y, p))}
+
+
+def choose_threshold(y, p, target_sensitivity: float = 0.90) -> float:
+  """The highest threshold whose sensitivity on (y, p) reaches the target (to be applied to other data)."""
+  if not 0 < target_sensitivity <= 1:
+    raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}.")
+  _, tpr, thresholds = skm.roc_curve(np.asarray(y).astype(int), p)
+  idx = int(np.argmax(tpr >= target_sensitivity - 1e-12))
+  return float(min(thresholds[idx], 1.0))
+
+
+def bootstrap_ci(y, p, patients, threshold: float, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+  """Percentile confidence intervals, resampling patients (all of a patient's images together) with replacement."""
+  y, p, patients = np.asarray(y).astype(int), np.asarray(p), np.asarray(patients)
+  unique, inverse = np.unique(patients, return_inverse=True)
+  members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
+  rng = np.random.default_rng(seed)
+  samples = {m: [] for m in THRESHOLD_METRICS + RANKING_METRICS}
+  for _ in range(n_boot):
+    idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+    yb, pb = y[idx], p[idx]
+    for k, v in threshold_metrics(yb, pb, threshold).items():
+      if k in samples:
+        samples[k].append(v)
+    if len(np.unique(yb)) == 2:
+      for k, v in ranking_metrics(yb, pb).items():
+        samples[k].append(v)
+  alpha = (1 - level) / 2 * 100
+  return {k: [float(np.percentile(v, alpha)), float(np.percentile(v, 100 - alpha))] if v else [float("nan")] * 2
+          for k, v in samples.items()}
+
+
+def evaluate_probabilities(y, p, patients, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
+  """All metrics at 0.5 and at `threshold` (with bootstrap CIs at `threshold`)."""
+  return {
+      **ranking_metrics(y, p),
+      "at_0.5": threshold_metrics(y, p, 0.5),
+      "at_threshold": threshold_metrics(y, p, threshold),
+      "ci95": bootstrap_ci(y, p, patients, threshold, n_boot=n_boot, seed=seed) if n_boot else {},
+  }
+
+
+def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_dir=None, split: str = "test",
+             target_sensitivity: float = 0.90, n_boot: int = 1000, seed: int = 0, arrays: dict | None = None) -> dict:
+  """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split`, with the threshold chosen on validation.
+
+  `arrays` may hold preloaded {'validation': split_arrays(...), split: split_arrays(...)} to score many models
+  on the same images without reading the dataset again.
+  """
+  from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+
+  arrays = dict(arrays or {})
+  for s in {"validation", split}:
+    if s not in arrays:
+      arrays[s] = split_arrays(s, data_dir, image_size)
+  val = arrays["validation"]
+  val_p = np.asarray(predict(val["images"]), dtype=np.float64).reshape(-1)
+  threshold = choose_threshold(val["labels"], val_p, target_sensitivity)
+  data = arrays[split]
+  p = val_p if split == "validation" else np.asarray(predict(data["images"]), dtype=np.float64).reshape(-1)
+  report = {
+      "split": split, "examples": int(len(p)), "positives": int(data["labels"].sum()),
+      "patients": int(len(np.unique(data["patient_ids"]))),
+      "threshold": {"value": threshold, "target_sensitivity": target_sensitivity, "chosen_on": "validation",
+                    "validation_sensitivity": threshold_metrics(val["labels"], val_p, threshold)["sensitivity"]},
+      "bootstrap": {"resamples": n_boot, "unit": "patient", "level": 0.95, "seed": seed},
+      **evaluate_probabilities(data["labels"], p, data["patient_ids"], threshold, n_boot=n_boot, seed=seed),
+      "predictions": [{"filename": f, "patient_id": pid, "label": int(l), "probability": float(q)}
+                      for f, pid, l, q in zip(data["filenames"], data["patient_ids"], data["labels"], p)],
+  }
+  return report
+
+
+def _fmt(v, ci=None):
+  s = f"{v:.3f}"
+  return f"{s} ({ci[0]:.3f}-{ci[1]:.3f})" if ci and not np.isnan(ci[0]) else s
+
+
+def markdown(report: dict, title: str = "Evaluation") -> str:
+  t, ci = report["threshold"], report.get("ci95", {})
+  lines = [
+      f"# {title}", "",
+      f"Split `{report['split']}`: {report['examples']} images ({report['positives']} COVID) from "
+      f"{report['patients']} patients. Operating threshold {t['value']:.4f}, chosen on validation for sensitivity "
+      f">= {t['target_sensitivity']:.2f}. 95% CIs: bootstrap over patients ({report['bootstrap']['resamples']} "
+      "resamples).", "",
+      f"ROC AUC {_fmt(report['roc_auc'], ci.get('roc_auc'))}, PR AUC {_fmt(report['pr_auc'], ci.get('pr_auc'))}", "",
+      "| metric | at 0.5 | at operating threshold (95% CI) |", "| --- | ---: | ---: |",
+  ]
+  for m in THRESHOLD_METRICS:
+    lines.append(f"| {m} | {report['at_0.5'][m]:.3f} | {_fmt(report['at_threshold'][m], ci.get(m))} |")
+  lines += ["", "Confusion matrix (rows: truth, columns: prediction)", "",
+            "| | at 0.5: NonCOVID | COVID | at threshold: NonCOVID | COVID |", "| --- | ---: | ---: | ---: | ---: |"]
+  a, b = report["at_0.5"]["confusion_matrix"], report["at_threshold"]["confusion_matrix"]
+  lines.append(f"| NonCOVID | {a['tn']} | {a['fp']} | {b['tn']} | {b['fp']} |")
+  lines.append(f"| COVID | {a['fn']} | {a['tp']} | {b['fn']} | {b['tp']} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, out_dir) -> None:
+  """roc.png, pr.png and confusion.png."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  out_dir = pathlib.Path(out_dir)
+  y = np.array([r["label"] for r in report["predictions"]])
+  p = np.array([r["probability"] for r in report["predictions"]])
+  thr = report["threshold"]["value"]
+  at = report["at_threshold"]
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  skm.RocCurveDisplay.from_predictions(y, p, ax=ax, name="model")
+  ax.plot(1 - at["specificity"], at["sensitivity"], "o", label=f"threshold {thr:.3f}")
+  ax.plot([0, 1], [0, 1], "--", color="grey")
+  ax.legend(loc="lower right")
+  ax.set_title(f"ROC, {report['split']} split")
+  fig.tight_layout()
+  fig.savefig(out_dir / "roc.png", dpi=100)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  skm.PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="model")
+  ax.plot(at["sensitivity"], at["precision"], "o", label=f"threshold {thr:.3f}")
+  ax.legend(loc="lower left")
+  ax.set_title(f"Precision-recall, {report['split']} split")
+  fig.tight_layout()
+  fig.savefig(out_dir / "pr.png", dpi=100)
+  plt.close(fig)
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+  for ax, t, name in ((axes[0], 0.5, "0.5"), (axes[1], thr, f"{thr:.3f}")):
+    skm.ConfusionMatrixDisplay.from_predictions(y, (p >= t).astype(int), labels=[0, 1],
+                                                display_labels=["NonCOVID", "COVID"], ax=ax, colorbar=False)
+    ax.set_title(f"threshold {name}")
+  fig.tight_layout()
+  fig.savefig(out_dir / "confusion.png", dpi=100)
+  plt.close(fig)
+
+
+def write_report(report: dict, out_dir, overwrite: bool = False, title: str = "Evaluation") -> pathlib.Path:
+  """report.json, report.md, predictions in the JSON, and the three PNGs; atomically (temporary folder, rename)."""
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out_dir)
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "report.md").write_text(markdown(report, title))
+    plot_report(report, tmp)
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out

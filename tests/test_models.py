@@ -1,0 +1,63 @@
+"""The article's architectures, by name, with exactly the article's parameter counts."""
+
+import numpy as np
+import pytest
+
+from covidct.config import resolve
+from covidct.errors import CovidctError
+from covidct.models import INPUT_NAME, MODELS, OUTPUT_NAME, build_model
+
+
+@pytest.mark.parametrize("name,params", [("basic", 4_987_361), ("too_simple", 671_185), ("final", 2_010_513)])
+def test_article_parameter_counts(name, params):
+  assert build_model(resolve(model=name)).count_params() == params
+
+
+def test_rescaling_inside_and_names():
+  model = build_model(resolve(model="final", image_size=64))
+  assert model.input.name == INPUT_NAME or model.inputs[0].name == INPUT_NAME
+  assert model.layers[1].name == "rescale"
+  assert model.layers[-1].name == OUTPUT_NAME
+  # The rescaling layer maps [0, 255] to [0, 1]: a white image reaches the first conv as ones.
+  import keras
+
+  probe = keras.Model(model.input, model.get_layer("rescale").output)
+  np.testing.assert_allclose(probe(np.full((1, 64, 64, 1), 255.0, np.float32)).numpy(), 1.0, rtol=1e-6)
+  p = model(np.zeros((2, 64, 64, 1), np.float32)).numpy()
+  assert p.shape == (2, 1) and np.all((p >= 0) & (p <= 1))
+
+
+def test_unknown_model_name():
+  with pytest.raises(CovidctError, match="unknown model 'resnet'.*final"):
+    build_model(resolve(model="resnet"))
+
+
+def test_registry_takes_new_models():
+  from covidct.models import register
+
+  @register("tiny_test_model")
+  def _tiny(x, keras):
+    return keras.layers.GlobalAveragePooling2D()(x)
+
+  try:
+    assert build_model(resolve(model="tiny_test_model", image_size=32)).count_params() == 2
+  finally:
+    MODELS.pop("tiny_test_model")
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("image_size", 0), ("image_size", 8),
+                                         ("learning_rate", 0.0), ("strategy", "tpu")])
+def test_nonsense_config(field, value):
+  with pytest.raises(CovidctError, match=field if field != "strategy" else "unknown strategy"):
+    resolve(**{field: value})
+
+
+def test_unknown_recipe():
+  with pytest.raises(CovidctError, match="unknown recipe 'fast'"):
+    resolve("fast")
+
+
+def test_article_recipe_is_the_articles():
+  cfg = resolve("article")
+  assert (cfg.learning_rate, cfg.batch_size, cfg.monitor, cfg.patience, cfg.model) == (0.01, 64, "val_loss", 7, "final")
+  assert cfg.augment.rotation_degrees == 5 and cfg.augment.shift == cfg.augment.shear == cfg.augment.zoom == 0.05
