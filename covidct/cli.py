@@ -171,5 +171,93 @@ def evaluate_cmd(model, split, out_dir, target_sensitivity, n_boot, data_dir, ov
   click.echo(f"Report: {out}/report.md")
 
 
+@main.command("export")
+@click.argument("model_dir", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--formats", default="all", show_default=True,
+              help="Comma-separated: tflite_float32, tflite_float16, tflite_dynamic, tflite_int8, onnx_float32, "
+                   "onnx_int8, or all.")
+@click.option("--calibration-images", default=200, show_default=True, type=int, callback=_positive,
+              help="Train-split images used to calibrate the int8 formats.")
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True)
+@_DATA_DIR
+@click.option("--overwrite", is_flag=True)
+@_friendly
+def export_cmd(model_dir, out_dir, formats, calibration_images, n_boot, data_dir, overwrite):
+  """Export MODEL_DIR's SavedModel to TFLite and ONNX, check parity, write manifest.json."""
+  from export.formats import parse_formats  # pylint: disable=import-outside-toplevel
+
+  parse_formats(formats)  # an unknown name fails before any work
+  from export.package import export_model  # pylint: disable=import-outside-toplevel
+
+  try:
+    export_model(model_dir, out_dir, formats, data_dir=data_dir, overwrite=overwrite, n_calibration=calibration_images,
+                 n_boot=n_boot, progress=lambda m: click.echo(m, err=True))
+  finally:
+    import pathlib  # pylint: disable=import-outside-toplevel
+
+    report = pathlib.Path(out_dir) / "parity.md"
+    if report.exists():
+      click.echo(report.read_text())
+  click.echo(f"Artifacts, parity report and manifest.json in {out_dir}")
+
+
+@main.command("push")
+@click.argument("export_dir", type=click.Path(), required=False)
+@click.option("--serving", "serving_dir", required=True, type=click.Path(file_okay=False),
+              help="The serving folder: versions go to SERVING/<N>/.")
+@click.option("--min-roc-auc", default=0.70, show_default=True, help="Bless only at or above this validation AUC.")
+@click.option("--min-sensitivity", default=0.85, show_default=True,
+              help="Bless only at or above this validation sensitivity at the operating threshold.")
+@click.option("--max-regression", default=0.02, show_default=True,
+              help="Bless only if validation AUC is at most this much below the current blessed version's.")
+@click.option("--force", is_flag=True, help="Push even when not blessed (recorded as forced).")
+@click.option("--list", "list_only", is_flag=True, help="List the pushed versions with their metrics.")
+@_friendly
+def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, max_regression, force, list_only):
+  """Bless EXPORT_DIR and push it to SERVING/<N>/ (or --list the versions)."""
+  from covidct.push import push, versions  # pylint: disable=import-outside-toplevel
+
+  if list_only:
+    rows = versions(serving_dir)
+    if not rows:
+      click.echo(f"no versions in {serving_dir}")
+    for v in rows:
+      val = v.get("validation", {})
+      click.echo(f"{v['version']:>4}  {'blessed' if v.get('blessed') else 'FORCED' if v.get('forced') else '-':<8} "
+                 f"val AUC {val.get('roc_auc', float('nan')):.3f}  val sens {val.get('sensitivity', float('nan')):.3f}  "
+                 f"test AUC {v.get('test_roc_auc', float('nan')):.3f}  {v.get('pushed', '')}")
+    return
+  if export_dir is None:
+    raise click.UsageError("EXPORT_DIR is required unless --list is given.")
+  info = push(export_dir, serving_dir, min_roc_auc, min_sensitivity, max_regression, force)
+  state = "blessed" if info["blessed"] else "NOT blessed, forced"
+  click.echo(f"pushed version {info['version']} ({state}) to {info['path']}")
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_path", required=True, type=click.Path(),
+              help="A training or export folder, SavedModel, .keras, .tflite or .onnx.")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold (default: the manifest's operating threshold, else 0.5).")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def predict_cmd(images, model_path, threshold, as_json):
+  """Probability of COVID and a label for each image file."""
+  from covidct.predict import predict_files  # pylint: disable=import-outside-toplevel
+
+  results, errors = predict_files(model_path, images, threshold)
+  if as_json:
+    click.echo(json.dumps({"results": results, "errors": errors}, indent=2))
+  else:
+    for r in results:
+      click.echo(f"{r['probability']:.4f}  {r['label']:<8}  {r['file']}")
+  for e in errors:
+    click.echo(f"Error: {e}", err=True)
+  if errors:
+    raise SystemExit(1)
+
+
 if __name__ == "__main__":
   main()

@@ -30,7 +30,7 @@ class TrainConfig:
   epochs: int = 40
   learning_rate: float = 1e-3
   monitor: str = "val_auc"  # the validation metric that selects the epoch kept
-  patience: int = 10  # early stopping on `monitor`; best weights restored
+  patience: int = 20  # early stopping on `monitor`; best weights restored
   class_weight: bool = True  # balance the classes in the loss
   augment: AugmentConfig | None = dataclasses.field(default_factory=AugmentConfig)
   augment_on: str = "auto"  # 'pipeline' (tf.data, CPU), 'model' (the training step, on the accelerator), 'auto'

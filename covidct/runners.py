@@ -110,6 +110,9 @@ class LiteRTRunner(Runner):
     self.input = self.interpreter.get_input_details()[0]
     self.output = self.interpreter.get_output_details()[0]
     self.input_name, self.output_name = self.input["name"], self.output["name"]
+    signature = self.interpreter.get_signature_list().get("serving_default")
+    if signature:  # the names the SavedModel signature gave them
+      self.input_name, self.output_name = signature["inputs"][0], signature["outputs"][0]
     self.input_dtype = self.input["dtype"]
     self.image_size = int(self.input["shape"][1])
     self._batch = None

@@ -1,0 +1,194 @@
+"""One function per export format: each writes its file (temporary name, then rename) and returns an ExportResult."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from export.errors import ExportError, UnknownFormatError, UnsupportedOpError
+
+# Format name -> (file name, float tolerance on the probability or None where quantization makes it a report only)
+FORMATS = {
+    "tflite_float32": ("model_float32.tflite", 1e-5),
+    "tflite_float16": ("model_float16.tflite", 1e-3),
+    "tflite_dynamic": ("model_dynamic_int8.tflite", None),
+    "tflite_int8": ("model_int8.tflite", None),
+    "onnx_float32": ("model_float32.onnx", 1e-5),
+    "onnx_int8": ("model_int8.onnx", None),
+}
+QUANTIZED = {"tflite_dynamic", "tflite_int8", "onnx_int8"}
+ONNX_OPSET = 18
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  format: str
+  path: str
+  size_bytes: int
+  sha256: str
+  seconds: float
+  details: dict = dataclasses.field(default_factory=dict)
+
+
+def parse_formats(spec: str | list[str]) -> list[str]:
+  names = spec.split(",") if isinstance(spec, str) else list(spec)
+  names = [n.strip() for n in names if n.strip()]
+  if names == ["all"]:
+    return list(FORMATS)
+  unknown = [n for n in names if n not in FORMATS]
+  if unknown or not names:
+    raise UnknownFormatError(f"unknown format(s) {unknown or names}; choose from {', '.join(FORMATS)} or 'all'.")
+  return names
+
+
+def sha256(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _finish(fmt, tmp: pathlib.Path, final: pathlib.Path, start: float, **details) -> ExportResult:
+  os.replace(tmp, final)
+  return ExportResult(fmt, str(final), final.stat().st_size, sha256(final), time.time() - start, details)
+
+
+def _tmp_for(final: pathlib.Path) -> pathlib.Path:
+  return final.with_name(f".{final.name}.partial-{os.getpid()}")
+
+
+def tflite_ops(path) -> list[str]:
+  """The op names a .tflite model uses (from LiteRT's own op details)."""
+  from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+
+  interp = litert.Interpreter(model_path=str(path))
+  return sorted({op["op_name"] for op in interp._get_ops_details()})  # pylint: disable=protected-access
+
+
+def export_tflite(saved_model_dir, out_path, mode: str = "float32", representative: np.ndarray | None = None
+                  ) -> ExportResult:
+  """TFLite from the SavedModel's serving signature: float32, float16, dynamic (int8 weights) or int8 (full integer:
+  uint8 image in, uint8 probability out, calibrated on `representative` images). Builtin ops only."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  fmt = f"tflite_{mode}"
+  if fmt not in FORMATS:
+    raise UnknownFormatError(f"unknown TFLite mode {mode!r}; choose float32, float16, dynamic or int8.")
+  start = time.time()
+  converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=["serving_default"])
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  if mode in ("float16", "dynamic", "int8"):
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  if mode == "float16":
+    converter.target_spec.supported_types = [tf.float16]
+  if mode == "int8":
+    if representative is None or len(representative) == 0:
+      raise ExportError("full-integer TFLite needs representative images (from the train split) for calibration.")
+    reps = np.asarray(representative, np.uint8)
+    converter.representative_dataset = lambda: ([reps[i:i + 1]] for i in range(len(reps)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+  try:
+    flat = converter.convert()
+  except Exception as e:  # the converter raises ConverterError and others
+    raise ExportError(f"TFLite {mode} conversion of {saved_model_dir} failed: {str(e).splitlines()[0][:300]}") from e
+  final = pathlib.Path(out_path)
+  tmp = _tmp_for(final)
+  tmp.write_bytes(flat)
+  ops = tflite_ops(tmp)
+  flex = [op for op in ops if op.lower().startswith("flex") or op == "CUSTOM"]
+  if flex:
+    tmp.unlink()
+    raise UnsupportedOpError(f"TFLite {mode} model needs non-builtin ops {flex}; only builtin ops are allowed.")
+  return _finish(fmt, tmp, final, start, ops=ops)
+
+
+def export_onnx(saved_model_dir, out_path, opset: int = ONNX_OPSET) -> ExportResult:
+  """ONNX float32 from the SavedModel with tf2onnx (dynamic batch, input `image`, output `covid_probability`)."""
+  import onnx  # pylint: disable=import-outside-toplevel
+
+  if opset > ONNX_OPSET:
+    raise ExportError(f"opset {opset} is above {ONNX_OPSET}, the highest tf2onnx handles here.")
+  start = time.time()
+  final = pathlib.Path(out_path)
+  tmp = _tmp_for(final)
+  cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir), "--signature_def",
+         "serving_default", "--opset", str(opset), "--output", str(tmp)]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  if res.returncode != 0 or not tmp.exists():
+    tmp.unlink(missing_ok=True)
+    last = [l for l in res.stderr.splitlines() if "Error" in l][-1:] or res.stderr.splitlines()[-1:]
+    raise ExportError(f"tf2onnx could not convert {saved_model_dir}: {' '.join(last)[:300]}")
+  model = onnx.load(str(tmp))
+  for value in list(model.graph.input) + list(model.graph.output):  # a readable name for the dynamic batch axis
+    dim = value.type.tensor_type.shape.dim[0]
+    if not dim.HasField("dim_value"):
+      dim.dim_param = "batch"
+  try:
+    onnx.checker.check_model(model)
+  except onnx.checker.ValidationError as e:
+    tmp.unlink(missing_ok=True)
+    raise ExportError(f"the ONNX model from {saved_model_dir} fails onnx.checker: {str(e).splitlines()[0]}") from e
+  onnx.save(model, str(tmp))
+  return _finish("onnx_float32", tmp, final, start, opset=opset,
+                 inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output])
+
+
+def export_onnx_int8(onnx_float_path, out_path, representative: np.ndarray) -> ExportResult:
+  """ONNX int8 by onnxruntime's static quantization (QDQ, int8 weights and activations), calibrated on
+  `representative` images (the train split)."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  from onnxruntime import quantization as q  # pylint: disable=import-outside-toplevel
+
+  start = time.time()
+  final = pathlib.Path(out_path)
+  tmp = _tmp_for(final)
+  pre = final.with_name(f".{final.stem}.pre-{os.getpid()}.onnx")
+  input_name = onnx.load(str(onnx_float_path)).graph.input[0].name
+  reps = np.asarray(representative, np.uint8)
+
+  class Reader(q.CalibrationDataReader):
+
+    def __init__(self):
+      self._it = iter(reps[i:i + 1] for i in range(len(reps)))
+
+    def get_next(self):
+      batch = next(self._it, None)
+      return None if batch is None else {input_name: batch}
+
+  try:
+    q.quant_pre_process(str(onnx_float_path), str(pre), skip_symbolic_shape=True)
+    q.quantize_static(str(pre), str(tmp), Reader(), quant_format=q.QuantFormat.QDQ,
+                      activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8, per_channel=True,
+                      calibrate_method=q.CalibrationMethod.MinMax)
+    onnx.checker.check_model(str(tmp))
+  except Exception as e:
+    tmp.unlink(missing_ok=True)
+    raise ExportError(f"ONNX int8 quantization of {onnx_float_path} failed: {str(e).splitlines()[0][:300]}") from e
+  finally:
+    pre.unlink(missing_ok=True)
+  return _finish("onnx_int8", tmp, final, start, quant_format="QDQ", calibration_images=len(reps))
+
+
+def export_format(fmt: str, saved_model_dir, out_dir, representative=None, onnx_float_path=None) -> ExportResult:
+  """Dispatches one format name to its export function; files are named by FORMATS."""
+  out = pathlib.Path(out_dir) / FORMATS[fmt][0]
+  if fmt.startswith("tflite_"):
+    return export_tflite(saved_model_dir, out, fmt.split("_", 1)[1], representative)
+  if fmt == "onnx_float32":
+    return export_onnx(saved_model_dir, out)
+  if fmt == "onnx_int8":
+    if onnx_float_path is None:
+      raise ExportError("onnx_int8 quantizes the float32 ONNX model: export onnx_float32 first.")
+    return export_onnx_int8(onnx_float_path, out, representative)
+  raise UnknownFormatError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")

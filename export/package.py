@@ -1,0 +1,133 @@
+"""`covidct export`: every artifact, its parity report and manifest.json, in one folder written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import time
+from importlib import metadata
+
+import numpy as np
+
+from covidct.data import split_arrays
+from covidct.errors import CovidctError
+from covidct.evaluate import evaluate
+from covidct.models import INPUT_NAME, OUTPUT_NAME
+from covidct.runners import SavedModelRunner, load_runner
+from export.errors import ParityError
+from export.formats import FORMATS, export_format, parse_formats, sha256
+from export.parity import check_parity, write_report
+
+LIBRARIES = ("tensorflow", "keras", "tensorflow-datasets", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert",
+             "scikit-learn", "numpy")
+PREPROCESSING = ("decode to grayscale uint8 (RGB/RGBA by ITU-R 601-2 luma), resize to SxS bilinear with "
+                 "antialiasing, round to uint8 (covidct.data.resize_image); rescaling to [0, 1] is inside the model")
+
+
+def library_versions() -> dict:
+  out = {}
+  for name in LIBRARIES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def resolve_saved_model(model_dir) -> pathlib.Path:
+  path = pathlib.Path(model_dir)
+  if (path / "saved_model" / "saved_model.pb").exists():
+    return path / "saved_model"
+  if (path / "saved_model.pb").exists():
+    return path
+  raise CovidctError(f"{path} holds no SavedModel (saved_model.pb); pass a `covidct train` output folder.")
+
+
+def _summary(report: dict) -> dict:
+  keep = ("roc_auc", "pr_auc", "at_0.5", "at_threshold", "ci95", "threshold", "examples", "positives", "patients")
+  return {k: report[k] for k in keep if k in report}
+
+
+def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bool = False, n_calibration: int = 200,
+                 target_sensitivity: float = 0.90, n_boot: int = 1000, progress=print) -> dict:
+  """Exports `formats` of the SavedModel in `model_dir` into `out_dir` with parity.json/.md and manifest.json.
+
+  Raises ParityError (after writing the folder, so its report can be read) when any artifact fails parity.
+  """
+  formats = parse_formats(formats)
+  out = pathlib.Path(out_dir)
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  saved_model = resolve_saved_model(model_dir)
+  reference = SavedModelRunner(saved_model)
+  size = reference.image_size
+  progress(f"reading the validation, test and train splits at {size}x{size}")
+  arrays = {s: split_arrays(s, data_dir, size) for s in ("validation", "test", "train")}
+  reps = arrays["train"]["images"][:n_calibration]  # calibration from train, never test
+  ref_val = evaluate(reference, size, split="validation", target_sensitivity=target_sensitivity, n_boot=n_boot,
+                     arrays=arrays)
+  ref_test = evaluate(reference, size, split="test", target_sensitivity=target_sensitivity, n_boot=n_boot,
+                      arrays=arrays)
+  threshold = ref_test["threshold"]["value"]
+  ref_probs = np.array([r["probability"] for r in ref_test["predictions"]])
+
+  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    shutil.copytree(saved_model, tmp / "saved_model")
+    results, parity = {}, []
+    for fmt in (["onnx_float32"] if "onnx_int8" in formats and "onnx_float32" not in formats else []) + formats:
+      progress(f"exporting {fmt}")
+      onnx_float = results["onnx_float32"].path if "onnx_float32" in results else None
+      results[fmt] = export_format(fmt, tmp / "saved_model", tmp, reps, onnx_float)
+    for fmt in formats:
+      progress(f"checking parity of {fmt}")
+      parity.append(check_parity(reference, load_runner(results[fmt].path), fmt, arrays["test"], threshold, ref_probs))
+    if "onnx_int8" in formats and "onnx_float32" not in formats:
+      pathlib.Path(results.pop("onnx_float32").path).unlink()
+    report = write_report(parity, threshold, tmp)
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+      if p.is_file():
+        files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_model": str(pathlib.Path(model_dir).resolve()),
+        "labels": ["NonCOVID", "COVID"],
+        "input": {"name": INPUT_NAME, "shape": [None, size, size, 1], "dtype": "uint8"},
+        "output": {"name": OUTPUT_NAME, "shape": [None, 1], "dtype": "float32", "meaning": "P(COVID)"},
+        "preprocessing": PREPROCESSING.replace("SxS", f"{size}x{size}"),
+        "operating_threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
+                                "chosen_on": "validation"},
+        "metrics": {"saved_model": {"validation": _summary(ref_val), "test": _summary(ref_test)}},
+        "artifacts": {},
+        "parity_passed": report["passed"],
+        "files": files,
+        "libraries": library_versions(),
+    }
+    for r, res in zip(parity, (results[f] for f in formats)):
+      manifest["artifacts"][r.format] = {
+          "file": os.path.basename(res.path), "bytes": res.size_bytes, "sha256": res.sha256,
+          "export_seconds": round(res.seconds, 2), "parity": r.to_dict(), **res.details}
+      manifest["metrics"][r.format] = {"test": {"roc_auc": r.roc_auc, "sensitivity": r.sensitivity,
+                                                "specificity": r.specificity, "agreement": r.agreement}}
+    for key in list(manifest["artifacts"]):
+      manifest["artifacts"][key]["parity"]["path"] = manifest["artifacts"][key]["file"]
+    config = pathlib.Path(model_dir) / "config.json"
+    if config.exists():
+      manifest["training_config"] = json.loads(config.read_text())
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if not report["passed"]:
+    failed = [a for a in report["artifacts"] if not a["passed"]]
+    raise ParityError(f"{len(failed)} artifact(s) failed parity ({', '.join(a['format'] for a in failed)}): "
+                      f"{failed[0]['failures'][0]}; see {out / 'parity.md'}", [f for a in failed for f in a["failures"]])
+  return manifest

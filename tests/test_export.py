@@ -1,0 +1,161 @@
+"""Export, parity, push and predict on a small model built by the real build_model and trained on dummy data."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from covidct.cli import main
+from covidct.config import resolve
+from covidct.data import split_arrays
+from covidct.errors import CovidctError
+from covidct.runners import SavedModelRunner, load_runner
+from covidct.train import export_saved_model, train
+from export.errors import ParityError, UnknownFormatError
+from export.formats import FORMATS, export_format, parse_formats
+from export.parity import check_parity
+from tests.conftest import DUMMY_DATA
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def model_dir(dummy_data_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("exp") / "run"
+  train(resolve("default", epochs=1, image_size=SIZE, batch_size=4, data_dir=str(dummy_data_dir)), out, verbose=0)
+  return out
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, dummy_data_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("export") / "artifacts"
+  res = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(out), "--data-dir", str(dummy_data_dir),
+                                  "--formats", "tflite_float32,tflite_float16,onnx_float32", "--bootstrap", "20"])
+  assert res.exit_code == 0, res.output
+  return out
+
+
+def test_every_format_round_trips(model_dir, dummy_data_dir, tmp_path):
+  reps = split_arrays("train", str(dummy_data_dir), SIZE)["images"]
+  test = split_arrays("test", str(dummy_data_dir), SIZE)["images"]
+  reference = SavedModelRunner(model_dir / "saved_model")(test)
+  onnx_float = None
+  for fmt in FORMATS:
+    result = export_format(fmt, model_dir / "saved_model", tmp_path, reps, onnx_float)
+    if fmt == "onnx_float32":
+      onnx_float = result.path
+    assert result.size_bytes > 0 and len(result.sha256) == 64
+    runner = load_runner(result.path)
+    assert (runner.input_name, runner.output_name, runner.image_size) == ("image", "covid_probability", SIZE)
+    got = runner(test)
+    assert got.shape == reference.shape
+    tol = FORMATS[fmt][1] or 0.05
+    np.testing.assert_allclose(got, reference, atol=tol, err_msg=fmt)
+  assert not list(tmp_path.glob(".*partial*"))
+  from export.formats import tflite_ops
+
+  ops = tflite_ops(tmp_path / FORMATS["tflite_int8"][0])
+  assert not [o for o in ops if o.lower().startswith("flex")]
+  int8 = load_runner(tmp_path / FORMATS["tflite_int8"][0])
+  assert int8.input_dtype == np.uint8 and int8.output["dtype"] == np.uint8  # integer in and out
+
+
+def test_export_folder_and_manifest(exported):
+  manifest = json.loads((exported / "manifest.json").read_text())
+  assert manifest["parity_passed"] is True
+  assert manifest["input"] == {"name": "image", "shape": [None, SIZE, SIZE, 1], "dtype": "uint8"}
+  assert manifest["labels"] == ["NonCOVID", "COVID"]
+  assert set(manifest["artifacts"]) == {"tflite_float32", "tflite_float16", "onnx_float32"}
+  for name, info in manifest["files"].items():
+    assert (exported / name).stat().st_size == info["bytes"]
+  assert manifest["libraries"]["tensorflow"].startswith("2.21")
+  parity = json.loads((exported / "parity.json").read_text())
+  assert all(a["passed"] for a in parity["artifacts"])
+  assert max(a["max_abs_diff"] for a in parity["artifacts"] if a["format"] != "tflite_float16") <= 1e-5
+
+
+def test_parity_fails_on_a_perturbed_model(model_dir, dummy_data_dir, tmp_path):
+  import keras
+
+  model = keras.saving.load_model(model_dir / "model.keras")
+  last = model.get_layer("covid_probability")
+  kernel, bias = last.get_weights()
+  last.set_weights([kernel, bias + 0.5])  # shifts every probability
+  export_saved_model(model, tmp_path / "perturbed", SIZE)
+  result = export_format("tflite_float32", tmp_path / "perturbed", tmp_path)
+  test = split_arrays("test", str(dummy_data_dir), SIZE)
+  res = check_parity(SavedModelRunner(model_dir / "saved_model"), load_runner(result.path), "tflite_float32", test, 0.5)
+  assert not res.passed and res.max_abs_diff > 1e-3
+  assert any("tolerance" in f for f in res.failures)
+
+
+def test_parity_checks_names_first(model_dir, dummy_data_dir):
+  ref = SavedModelRunner(model_dir / "saved_model")
+  other = SavedModelRunner(model_dir / "saved_model")
+  other.output_name = "logits"
+  res = check_parity(ref, other, "tflite_float32", split_arrays("test", str(dummy_data_dir), SIZE), 0.5)
+  assert res.failures == ["output name 'logits' != 'covid_probability'"]
+
+
+def test_unknown_format_and_existing_out(model_dir, exported, tmp_path):
+  with pytest.raises(UnknownFormatError, match="tflite_int4"):
+    parse_formats("tflite_int4")
+  res = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(tmp_path / "x"), "--formats", "coreml"])
+  assert res.exit_code == 1 and "unknown format" in res.stderr
+  res = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(exported)])
+  assert res.exit_code == 1 and "exists" in res.stderr
+
+
+def test_bad_model_files(tmp_path):
+  (tmp_path / "broken.tflite").write_bytes(b"TFL3 not really")
+  (tmp_path / "broken.onnx").write_bytes(b"\x08\x07")
+  (tmp_path / "sm").mkdir()
+  (tmp_path / "sm" / "saved_model.pb").write_bytes(b"garbage")
+  for name in ("broken.tflite", "broken.onnx", "sm", "missing.onnx"):
+    with pytest.raises(CovidctError):
+      load_runner(tmp_path / name)
+
+
+def test_push_versions_refusal_and_list(exported, tmp_path):
+  serving = tmp_path / "serving"
+  runner = CliRunner()
+  refused = runner.invoke(main, ["push", str(exported), "--serving", str(serving), "--min-roc-auc", "1.01"])
+  assert refused.exit_code == 1 and "not blessed" in refused.stderr and not serving.exists() or not any(serving.iterdir())
+  ok = runner.invoke(main, ["push", str(exported), "--serving", str(serving), "--min-roc-auc", "0",
+                            "--min-sensitivity", "0"])
+  assert ok.exit_code == 0, ok.output
+  forced = runner.invoke(main, ["push", str(exported), "--serving", str(serving), "--min-roc-auc", "1.01", "--force"])
+  assert forced.exit_code == 0 and "version 2" in forced.output
+  assert sorted(p.name for p in serving.iterdir()) == ["1", "2"]  # no partial folder left
+  for v in ("1", "2"):
+    assert (serving / v / "saved_model.pb").exists() and (serving / v / "MODEL_CARD.md").exists()
+    assert (serving / v / "assets.extra" / "manifest.json").exists()
+  card = (serving / "1" / "MODEL_CARD.md").read_text()
+  assert "not a diagnostic device" in card and "95% CI" in card and "slice" in card
+  assert json.loads((serving / "2" / "blessing.json").read_text())["forced"] is True
+  listed = runner.invoke(main, ["push", "--serving", str(serving), "--list"])
+  assert listed.exit_code == 0 and "blessed" in listed.output and "FORCED" in listed.output
+  np.testing.assert_allclose(SavedModelRunner(serving / "1")(np.zeros((1, SIZE, SIZE, 1), np.uint8)),
+                             SavedModelRunner(exported / "saved_model")(np.zeros((1, SIZE, SIZE, 1), np.uint8)))
+
+
+def test_predict_scores_good_files_and_reports_bad_ones(exported, tmp_path):
+  with zipfile.ZipFile(DUMMY_DATA / "Images-processed" / "CT_NonCOVID.zip") as zf:
+    (tmp_path / "a.jpg").write_bytes(zf.read("CT_NonCOVID/0.jpg"))
+    (tmp_path / "b.png").write_bytes(zf.read("CT_NonCOVID/14.png"))
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  files = [str(tmp_path / n) for n in ("a.jpg", "bad.png", "b.png")]
+  for artifact in ("model_float32.tflite", "model_float32.onnx", "saved_model"):
+    res = CliRunner().invoke(main, ["predict", *files, "--model", str(exported / artifact), "--json"])
+    assert res.exit_code == 1
+    out = json.loads(res.stdout)
+    assert [r["file"] for r in out["results"]] == [files[0], files[2]]
+    assert all(0 <= r["probability"] <= 1 and r["label"] in ("COVID", "NonCOVID") for r in out["results"])
+    assert "bad.png: not a readable image" in res.stderr
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert out["results"][0]["threshold"] == pytest.approx(manifest["operating_threshold"]["value"])
