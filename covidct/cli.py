@@ -259,5 +259,27 @@ def predict_cmd(images, model_path, threshold, as_json):
     raise SystemExit(1)
 
 
+@main.command("pipeline")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--manual-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with the upstream files (offline). Without it, they are downloaded.")
+@_DATA_DIR
+@click.option("--epochs", type=int, default=None, callback=_positive, help="Override the recipe's epochs.")
+@click.option("--image-size", type=int, default=None, callback=_positive)
+@click.option("--seed", type=int, default=None)
+@click.option("--formats", default="all", show_default=True)
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True)
+@click.option("--force-push", is_flag=True, help="Push even if the model is not blessed.")
+@_friendly
+def pipeline_cmd(out_dir, manual_dir, data_dir, epochs, image_size, seed, formats, n_boot, force_push):
+  """The main job: build the dataset, train (default recipe), evaluate, export, check parity, push, report."""
+  from covidct.pipeline import run  # pylint: disable=import-outside-toplevel
+
+  overrides = {k: v for k, v in dict(epochs=epochs, image_size=image_size, seed=seed).items() if v is not None}
+  run(out_dir, manual_dir=manual_dir, data_dir=data_dir, overrides=overrides, formats=formats, n_boot=n_boot,
+      force_push=force_push, echo=lambda m: click.echo(m, err=True))
+  click.echo((__import__("pathlib").Path(out_dir) / "report.md").read_text())
+
+
 if __name__ == "__main__":
   main()

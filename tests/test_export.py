@@ -159,3 +159,16 @@ def test_predict_scores_good_files_and_reports_bad_ones(exported, tmp_path):
     assert "bad.png: not a readable image" in res.stderr
     manifest = json.loads((exported / "manifest.json").read_text())
     assert out["results"][0]["threshold"] == pytest.approx(manifest["operating_threshold"]["value"])
+
+
+def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
+  res = CliRunner().invoke(main, ["pipeline", "--out", str(tmp_path / "job"), "--manual-dir", str(DUMMY_DATA),
+                                  "--data-dir", str(tmp_path / "tfds"), "--epochs", "1", "--image-size", "48",
+                                  "--formats", "tflite_float32,onnx_float32", "--bootstrap", "20", "--force-push"])
+  assert res.exit_code == 0, res.output
+  job = tmp_path / "job"
+  report = (job / "report.md").read_text()
+  assert "## Artifacts and parity" in report and "tflite_float32" in report and "serving/1/" in report
+  for path in ("model/saved_model/saved_model.pb", "model/evaluation-test/roc.png", "export/manifest.json",
+               "export/parity.md", "serving/1/MODEL_CARD.md"):
+    assert (job / path).exists(), path

@@ -1,0 +1,105 @@
+"""`covidct pipeline`: the main job, end to end, with one report.md that shows it all."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from covidct.errors import CovidctError
+
+
+def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overrides: dict | None = None,
+        formats: str = "all", n_boot: int = 1000, force_push: bool = False, echo=print) -> pathlib.Path:
+  """build dataset -> train -> evaluate -> export + parity -> bless + push -> report.md, under `out_dir`."""
+  from covidct import dataset  # pylint: disable=import-outside-toplevel
+  from covidct.config import resolve  # pylint: disable=import-outside-toplevel
+  from covidct.evaluate import evaluate, write_report  # pylint: disable=import-outside-toplevel
+  from covidct.push import push  # pylint: disable=import-outside-toplevel
+  from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
+  from covidct.train import train  # pylint: disable=import-outside-toplevel
+  from export.errors import ParityError  # pylint: disable=import-outside-toplevel
+  from export.package import export_model  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out_dir)
+  if out.exists():
+    raise CovidctError(f"output folder {out} exists; choose another --out.")
+  start, times = time.time(), {}
+
+  def step(name):
+    times[name] = round(time.time() - start - sum(times.values()), 1)
+
+  echo("1/5 dataset")
+  builder = dataset.build(manual_dir=manual_dir, data_dir=data_dir)
+  data_dir = str(builder.data_dir_root)
+  step("dataset")
+  echo("2/5 training")
+  cfg = resolve(recipe, data_dir=data_dir, **(overrides or {}))
+  out.mkdir(parents=True)
+  summary = train(cfg, out / "model", verbose=2)
+  step("train")
+  echo("3/5 evaluation on the test split")
+  runner = SavedModelRunner(out / "model" / "saved_model")
+  report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot)
+  write_report(report, out / "model" / "evaluation-test")
+  step("evaluate")
+  echo("4/5 export and parity")
+  parity_error = None
+  try:
+    manifest = export_model(out / "model", out / "export", formats, data_dir=data_dir, n_boot=n_boot, progress=echo)
+  except ParityError as e:
+    parity_error = str(e)
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+  step("export")
+  echo("5/5 bless and push")
+  try:
+    pushed = push(out / "export", out / "serving", force=force_push)
+  except CovidctError as e:
+    pushed = {"version": None, "blessed": False, "reasons": [str(e)]}
+  step("push")
+  times["total"] = round(time.time() - start, 1)
+  (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out))
+  echo(f"report: {out / 'report.md'}")
+  return out / "report.md"
+
+
+def _report(cfg, summary, manifest, pushed, parity_error, times, out) -> str:
+  test = manifest["metrics"]["saved_model"]["test"]
+  ci = test.get("ci95", {})
+  at = test["at_threshold"]
+  rng = lambda m: f" ({ci[m][0]:.3f}-{ci[m][1]:.3f})" if m in ci else ""  # noqa: E731
+  lines = [
+      "# covidct pipeline report", "",
+      f"Recipe `{cfg.recipe}`, model `{cfg.model}` at {cfg.image_size}x{cfg.image_size}, seed {cfg.seed}; best epoch "
+      f"{summary['best_epoch']} of {summary['epochs_run']} (validation {cfg.monitor}).", "",
+      "## Test metrics (SavedModel, official test split)", "",
+      f"ROC AUC {test['roc_auc']:.3f}{rng('roc_auc')}, PR AUC {test['pr_auc']:.3f}. Operating threshold "
+      f"{manifest['operating_threshold']['value']:.4f} (chosen on validation for sensitivity >= "
+      f"{manifest['operating_threshold']['target_sensitivity']}):", "",
+      "| metric | at 0.5 | at threshold (95% CI, bootstrap over patients) |", "| --- | ---: | ---: |",
+  ]
+  for m in ("sensitivity", "specificity", "precision", "accuracy", "f1"):
+    lines.append(f"| {m} | {test['at_0.5'][m]:.3f} | {at[m]:.3f}{rng(m)} |")
+  lines += ["", "## Artifacts and parity", "",
+            "| format | file | bytes | max abs diff | test ROC AUC | sensitivity | agreement | parity |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+  for fmt, a in manifest["artifacts"].items():
+    p = a["parity"]
+    lines.append(f"| {fmt} | export/{a['file']} | {a['bytes']:,} | {p['max_abs_diff']:.1e} | {p['roc_auc']:.4f} | "
+                 f"{p['sensitivity']:.3f} | {p['agreement']:.1%} | {'pass' if p['passed'] else 'FAIL'} |")
+  if parity_error:
+    lines += ["", f"**Parity failed:** {parity_error}"]
+  lines += ["", "## Push", ""]
+  if pushed.get("version"):
+    lines.append(f"Version {pushed['version']} pushed to `serving/{pushed['version']}/` "
+                 f"({'blessed' if pushed['blessed'] else 'not blessed, forced'}); model card: "
+                 f"`serving/{pushed['version']}/MODEL_CARD.md`.")
+  else:
+    lines.append("Not pushed: " + "; ".join(pushed["reasons"]))
+  lines += ["", "## Where things are", "",
+            f"- model: `{out}/model` (SavedModel, model.keras, curves.png, history.json, logs/)",
+            f"- evaluation: `{out}/model/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",
+            f"- export: `{out}/export/` (artifacts, parity.md, manifest.json)",
+            f"- serving: `{out}/serving/`", "",
+            "## Wall time (s)", "", " | ".join(f"{k} {v}" for k, v in times.items())]
+  return "\n".join(lines) + "\n"
