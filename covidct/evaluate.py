@@ -7,9 +7,7 @@ confidence intervals by bootstrap over patients, and JSON + Markdown + PNG repor
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
 from typing import Callable
 
 import numpy as np
@@ -180,22 +178,10 @@ def plot_report(report: dict, out_dir) -> None:
 
 def write_report(report: dict, out_dir, overwrite: bool = False, title: str = "Evaluation") -> pathlib.Path:
   """report.json, report.md, predictions in the JSON, and the three PNGs; atomically (temporary folder, rename)."""
-  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import atomic_dir  # pylint: disable=import-outside-toplevel
 
-  out = pathlib.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
-  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  try:
+  with atomic_dir(out_dir, overwrite) as tmp:
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
     (tmp / "report.md").write_text(markdown(report, title))
     plot_report(report, tmp)
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
+  return pathlib.Path(out_dir)

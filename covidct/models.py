@@ -57,7 +57,7 @@ def _final(x, keras):
   return _dense_stack(x, keras, [(128, 0.4), (64, 0.5), (8, 0.3)])
 
 
-def build_model(cfg) -> "keras.Model":
+def build_model(cfg):
   """The model named by `cfg.model` for `cfg.image_size`: float32 (size, size, 1) images in [0, 255] -> P(COVID)."""
   import keras  # pylint: disable=import-outside-toplevel
 

@@ -14,10 +14,11 @@ import numpy as np
 from covidct.data import split_arrays
 from covidct.errors import CovidctError
 from covidct.evaluate import evaluate
+from covidct.fsutil import atomic_dir
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.runners import SavedModelRunner, load_runner
 from export.errors import ParityError
-from export.formats import FORMATS, export_format, parse_formats, sha256
+from export.formats import export_format, parse_formats, sha256
 from export.parity import check_parity, write_report
 
 LIBRARIES = ("tensorflow", "keras", "tensorflow-datasets", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert",
@@ -73,10 +74,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   threshold = ref_test["threshold"]["value"]
   ref_probs = np.array([r["probability"] for r in ref_test["predictions"]])
 
-  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  try:
+  with atomic_dir(out, overwrite) as tmp:
     shutil.copytree(saved_model, tmp / "saved_model")
     results, parity = {}, []
     for fmt in (["onnx_float32"] if "onnx_int8" in formats and "onnx_float32" not in formats else []) + formats:
@@ -120,12 +118,6 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
     if config.exists():
       manifest["training_config"] = json.loads(config.read_text())
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   if not report["passed"]:
     failed = [a for a in report["artifacts"] if not a["passed"]]
     raise ParityError(f"{len(failed)} artifact(s) failed parity ({', '.join(a['format'] for a in failed)}): "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 
@@ -16,7 +15,7 @@ from covidct.data import split_arrays
 from covidct.errors import CovidctError
 from covidct.runners import SavedModelRunner, load_runner
 from covidct.train import export_saved_model, train
-from export.errors import ParityError, UnknownFormatError
+from export.errors import UnknownFormatError
 from export.formats import FORMATS, export_format, parse_formats
 from export.parity import check_parity
 from tests.conftest import DUMMY_DATA
