@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import time
 
 import numpy as np
 
 from covidct.config import TrainConfig
 from covidct.errors import CovidctError
+from covidct.fsutil import atomic_dir
 from covidct.models import INPUT_NAME, OUTPUT_NAME, build_model
 
 
@@ -131,10 +131,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     raise CovidctError("mixed precision needs a GPU and none is visible; drop --mixed-precision.")
   augment_on = cfg.augment_on if cfg.augment_on != "auto" else ("model" if gpus else "pipeline")
 
-  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  try:
+  with atomic_dir(out, overwrite) as tmp:
     start = time.time()
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
@@ -181,10 +178,4 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
         "augment_on": augment_on, "replicas": strategy.num_replicas_in_sync, "wall_time_s": time.time() - start,
     }
     (tmp / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-    return summary
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  return summary
