@@ -259,6 +259,48 @@ def predict_cmd(images, model_path, threshold, as_json):
     raise SystemExit(1)
 
 
+def _int_list(ctx, param, value):
+  try:
+    out = tuple(int(v) for v in value.split(","))
+  except ValueError:
+    raise click.BadParameter(f"expected comma-separated integers, got {value!r}.") from None
+  if not out or min(out) <= 0:
+    raise click.BadParameter(f"expected positive integers, got {value!r}.")
+  return out
+
+
+@main.command("bench")
+@click.argument("artifacts_dir", type=click.Path())
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Report folder (default: ARTIFACTS_DIR/bench).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_int_list)
+@click.option("--threads", default="1,2", show_default=True, callback=_int_list)
+@click.option("--runs", default=50, show_default=True, type=int, callback=_positive, help="Timed runs per batch size.")
+@click.option("--warmup", default=5, show_default=True, type=int)
+@click.option("--max-seconds", default=5.0, show_default=True, type=float,
+              help="Stop timing a batch size after this long (at least 5 runs).")
+@click.option("--no-pipeline", is_flag=True, help="Skip the input-pipeline measurement.")
+@_DATA_DIR
+@click.option("--overwrite", is_flag=True)
+@_friendly
+def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_seconds, no_pipeline, data_dir, overwrite):
+  """Latency and throughput of every artifact in ARTIFACTS_DIR (a `covidct export` folder) on every runtime."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out_dir) if out_dir else pathlib.Path(artifacts_dir) / "bench"
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another with --out or pass --overwrite.")
+  from benchmarks.report import markdown  # pylint: disable=import-outside-toplevel
+  from benchmarks.run import run_benchmark  # pylint: disable=import-outside-toplevel
+
+  report = run_benchmark(artifacts_dir, out, batch_sizes, threads, runs, warmup, max_seconds, data_dir=data_dir,
+                         pipeline=not no_pipeline, overwrite=overwrite, progress=lambda m: click.echo(m, err=True))
+  click.echo(markdown(report))
+  click.echo(f"Report: {out}/bench.md")
+
+
 @main.command("pipeline")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @click.option("--manual-dir", type=click.Path(file_okay=False), default=None,

@@ -69,3 +69,31 @@ def dummy_data_dir(tmp_path_factory) -> pathlib.Path:
        mock.patch.object(mod.Builder, "IMAGE_HASHES", DUMMY_DATA / "image_hashes.tsv"):
     dataset.build(manual_dir=str(DUMMY_DATA), data_dir=str(data_dir))
   return data_dir
+
+
+SIZE = 48
+
+
+@pytest.fixture(scope="session")
+def model_dir(dummy_data_dir, tmp_path_factory):
+  """A small `final` model (48x48) trained for one epoch on dummy data."""
+  from covidct.config import resolve
+  from covidct.train import train
+
+  out = tmp_path_factory.mktemp("exp") / "run"
+  train(resolve("default", epochs=1, image_size=SIZE, batch_size=4, data_dir=str(dummy_data_dir)), out, verbose=0)
+  return out
+
+
+@pytest.fixture(scope="session")
+def exported(model_dir, dummy_data_dir, tmp_path_factory):
+  """Its float exports (TFLite float32/float16, ONNX float32) with parity report and manifest."""
+  from click.testing import CliRunner
+
+  from covidct.cli import main
+
+  out = tmp_path_factory.mktemp("export") / "artifacts"
+  res = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(out), "--data-dir", str(dummy_data_dir),
+                                  "--formats", "tflite_float32,tflite_float16,onnx_float32", "--bootstrap", "20"])
+  assert res.exit_code == 0, res.output
+  return out

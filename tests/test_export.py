@@ -10,33 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from covidct.cli import main
-from covidct.config import resolve
 from covidct.data import split_arrays
 from covidct.errors import CovidctError
 from covidct.runners import SavedModelRunner, load_runner
-from covidct.train import export_saved_model, train
+from covidct.train import export_saved_model
 from export.errors import UnknownFormatError
 from export.formats import FORMATS, export_format, parse_formats
 from export.parity import check_parity
-from tests.conftest import DUMMY_DATA
-
-SIZE = 48
-
-
-@pytest.fixture(scope="module")
-def model_dir(dummy_data_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("exp") / "run"
-  train(resolve("default", epochs=1, image_size=SIZE, batch_size=4, data_dir=str(dummy_data_dir)), out, verbose=0)
-  return out
-
-
-@pytest.fixture(scope="module")
-def exported(model_dir, dummy_data_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("export") / "artifacts"
-  res = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(out), "--data-dir", str(dummy_data_dir),
-                                  "--formats", "tflite_float32,tflite_float16,onnx_float32", "--bootstrap", "20"])
-  assert res.exit_code == 0, res.output
-  return out
+from tests.conftest import DUMMY_DATA, SIZE
 
 
 def test_every_format_round_trips(model_dir, dummy_data_dir, tmp_path):

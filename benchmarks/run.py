@@ -1,0 +1,83 @@
+"""`covidct bench`: every artifact x runtime x batch size, the FLOP limit, the input pipeline; JSON, Markdown, PNGs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import time
+
+from benchmarks.flops import cpu_info, measured_gemm_gflops, model_flops
+from benchmarks.latency import configurations, gpu_status, run_worker
+from covidct.fsutil import atomic_dir
+
+
+def environment(threads) -> dict:
+  from export.package import library_versions  # pylint: disable=import-outside-toplevel
+
+  gpu = gpu_status()
+  return {"cpu": cpu_info(), "python": platform.python_version(), "platform": platform.platform(),
+          "threads_benchmarked": list(threads), "libraries": library_versions(), "gpu": gpu}
+
+
+def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2), runs: int = 50, warmup: int = 5,
+                  max_seconds: float = 5.0, data_dir=None, pipeline: bool = True, overwrite: bool = False,
+                  progress=print) -> dict:
+  """Benchmarks the export folder `artifacts_dir`; writes bench.json, bench.md, latency.png, accuracy_latency.png."""
+  root = pathlib.Path(artifacts_dir)
+  env = environment(threads)
+  rows = configurations(root, threads, env["gpu"])
+  manifest = json.loads((root / "manifest.json").read_text())
+  flops = model_flops(root / "saved_model")
+  peaks = {t: measured_gemm_gflops(t) for t in threads}
+  results = []
+  for i, row in enumerate(rows, 1):
+    label = f"{row['artifact']} / {row['runtime']}" + (f" / {row['threads']} thr" if row.get("threads") else "")
+    if "skipped" in row:
+      results.append({**row, "status": "not measured"})
+      continue
+    progress(f"[{i}/{len(rows)}] {label}")
+    spec = {**row, "batch_sizes": list(batch_sizes), "runs": runs, "warmup": warmup, "max_seconds": max_seconds}
+    res = run_worker(spec)
+    result = {**row, **res, "status": "error" if "error" in res else "measured"}
+    if "batches" in res:
+      peak = peaks.get(row["threads"])
+      for stats in res["batches"].values():
+        stats["gflops"] = flops * stats["throughput_ips"] / 1e9
+        stats["fraction_of_peak"] = stats["gflops"] / peak if peak else None
+    auc = manifest["metrics"].get(row["artifact"] if row["artifact"] != "keras" else "saved_model", {})
+    result["test_roc_auc"] = auc.get("test", {}).get("roc_auc")
+    result["file_bytes"] = _size(pathlib.Path(row["path"]))
+    results.append(result)
+  report = {
+      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "artifacts_dir": str(root.resolve()), "environment": env,
+      "model": {"flops_per_image": flops, "flops_source": "tf.compat.v1.profiler float_operation on the frozen "
+                                                          "serving graph, batch 1 (multiply-add = 2)",
+                "input": manifest["input"]},
+      "peak": {"measured_gemm_gflops": {str(t): v for t, v in peaks.items()},
+               "how": "float32 1024x1024 GEMM through numpy's BLAS, best of 5, threadpoolctl limits",
+               "theoretical_gflops_per_core": env["cpu"]["theoretical_gflops_per_core"],
+               "theoretical_basis": env["cpu"]["theoretical_basis"]},
+      "settings": {"batch_sizes": list(batch_sizes), "runs": runs, "warmup": warmup, "max_seconds": max_seconds,
+                   "inputs": "seeded random uint8 images of the model's input size"},
+      "results": results,
+  }
+  if pipeline:
+    from benchmarks.pipeline_throughput import measure  # pylint: disable=import-outside-toplevel
+
+    progress("input pipeline")
+    report["pipeline"] = measure(data_dir, image_size=manifest["input"]["shape"][1])
+  from benchmarks.report import markdown, plots  # pylint: disable=import-outside-toplevel
+
+  with atomic_dir(out_dir, overwrite) as tmp:
+    (tmp / "bench.json").write_text(json.dumps(report, indent=2))
+    (tmp / "bench.md").write_text(markdown(report))
+    plots(report, tmp)
+  return report
+
+
+def _size(path: pathlib.Path) -> int:
+  if path.is_dir():
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+  return path.stat().st_size if path.exists() else 0

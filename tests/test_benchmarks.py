@@ -1,0 +1,88 @@
+"""The benchmark harness: statistics on known inputs, a smoke run on a tiny model, the GPU skip reasons."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from benchmarks.flops import cpu_info, measured_gemm_gflops, model_flops
+from benchmarks.latency import configurations, gpu_status
+from benchmarks.stats import latency_stats
+from covidct.cli import main
+
+
+def test_latency_stats_known_inputs():
+  s = latency_stats([0.001, 0.002, 0.003, 0.004, 0.010], batch_size=8)
+  assert s["runs"] == 5
+  assert s["p50_ms"] == pytest.approx(3.0)
+  assert s["p90_ms"] == pytest.approx(7.6)  # numpy's linear interpolation: 4 + 0.6 * 6
+  assert s["p99_ms"] == pytest.approx(9.76)
+  assert s["mean_ms"] == pytest.approx(4.0)
+  assert s["std_ms"] == pytest.approx(np.std([1, 2, 3, 4, 10], ddof=1))
+  assert s["throughput_ips"] == pytest.approx(8 / 0.004)
+  with pytest.raises(ValueError):
+    latency_stats([], 1)
+
+
+def test_flops_from_the_graph(model_dir):
+  # The final model at 48x48, by hand: conv 1x1 (1->16) at 48, 3x3 (16->32) at 24, 5x5 (32->64) at 12,
+  # 5x5 (64->64) at 6, dense 3*3*64->128->64->8->1; 2 FLOPs per multiply-add. The profiler also counts the
+  # element-wise ops (bias adds, rescaling, sigmoid), so it is a little above the multiply-adds alone.
+  macs = 48 * 48 * 16 * 1 + 24 * 24 * 32 * 16 * 9 + 12 * 12 * 64 * 32 * 25 + 6 * 6 * 64 * 64 * 25 \
+      + 576 * 128 + 128 * 64 + 64 * 8 + 8
+  flops = model_flops(model_dir / "saved_model")
+  assert 2 * macs <= flops <= 2 * macs * 1.05
+
+
+def test_peak_and_cpu_info():
+  assert measured_gemm_gflops(1, n=256, repeats=2) > 0.1
+  info = cpu_info()
+  assert info["cores"] >= 1 and info["vector"] in ("avx512", "avx2", "sse")
+
+
+def test_gpu_rows_say_why_they_are_skipped(exported):
+  status = gpu_status()
+  rows = configurations(exported, threads=(1,), gpu=status)
+  gpu_rows = [r for r in rows if r["runtime"] in ("tf_signature_gpu", "ort_cuda", "ort_tensorrt")]
+  assert {r["runtime"] for r in gpu_rows} == {"tf_signature_gpu", "ort_cuda", "ort_tensorrt"}
+  import tensorflow as tf
+
+  if not tf.config.list_physical_devices("GPU"):
+    tf_row = next(r for r in gpu_rows if r["runtime"] == "tf_signature_gpu")
+    assert "no GPU" in tf_row["skipped"]
+  import onnxruntime as ort
+
+  if "CUDAExecutionProvider" not in ort.get_available_providers():
+    assert all("onnxruntime-gpu" in r["skipped"] for r in gpu_rows if r["runtime"] == "ort_cuda")
+
+
+def test_bench_smoke(exported, dummy_data_dir, tmp_path):
+  out = tmp_path / "bench"
+  res = CliRunner().invoke(main, ["bench", str(exported), "--out", str(out), "--batch-sizes", "1,2", "--threads", "1",
+                                  "--runs", "3", "--warmup", "1", "--max-seconds", "0.2",
+                                  "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 0, res.output
+  report = json.loads((out / "bench.json").read_text())
+  measured = [r for r in report["results"] if r["status"] == "measured"]
+  assert {r["runtime"] for r in measured} >= {"tf_signature", "keras_predict", "keras_call", "litert", "ort"}
+  for r in measured:
+    assert r["load_s"] >= 0 and r["first_inference_ms"] > 0 and r["peak_rss_mb"] > 0 and r["file_bytes"] > 0
+    for b in ("1", "2"):
+      s = r["batches"][b]
+      assert s["runs"] >= 3 and 0 < s["p50_ms"] <= s["p99_ms"] and s["throughput_ips"] > 0 and s["gflops"] > 0
+  assert report["model"]["flops_per_image"] > 0
+  assert report["pipeline"]["train_pipeline_augmented_ips"] > 0 and report["pipeline"]["train_step_ips"] > 0
+  assert "tensorflow" in report["environment"]["libraries"] and report["environment"]["cpu"]["cores"] >= 1
+  for name in ("bench.md", "latency.png", "accuracy_latency.png"):
+    assert (out / name).stat().st_size > 500
+  assert "| tflite_float32 / litert / 1t |" in (out / "bench.md").read_text()
+
+
+def test_bench_needs_an_export_folder(tmp_path):
+  res = CliRunner().invoke(main, ["bench", str(tmp_path)])
+  assert res.exit_code == 1 and "manifest.json" in res.stderr
+  res = CliRunner().invoke(main, ["bench", str(tmp_path), "--batch-sizes", "1,x"])
+  assert res.exit_code == 2
