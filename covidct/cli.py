@@ -94,9 +94,11 @@ def _positive(ctx, param, value):
 
 @main.command("train")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--recipe", type=click.Choice(["default", "article"]), default="default", show_default=True,
-              help="'article': the article's recipe as written; 'default': one that learns on the official split.")
-@click.option("--model", default=None, help="Architecture: final, basic, too_simple (default: the recipe's).")
+@click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
+              help="'article': the article's recipe as written; 'default': one that learns on the official split; "
+                   "'finetune': ImageNet MobileNetV2, head then whole network.")
+@click.option("--model", default=None, help="Architecture: final, basic, too_simple, mobilenet_v2_0.35, "
+                                            "mobilenet_v2_0.5, mobilenet_v2_1.0 (default: the recipe's).")
 @click.option("--epochs", type=int, default=None, callback=_positive)
 @click.option("--batch-size", type=int, default=None, callback=_positive, help="Per replica.")
 @click.option("--image-size", type=int, default=None, callback=_positive)
@@ -107,12 +109,18 @@ def _positive(ctx, param, value):
 @click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 (GPU only).")
 @click.option("--augment-on", type=click.Choice(["auto", "pipeline", "model"]), default=None,
               help="Where augmentation runs: tf.data on the CPU, or the training step on the accelerator.")
+@click.option("--augment/--no-augment", default=None,
+              help="The article's augmentation on the training split (default: the recipe's choice).")
+@click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Backbones: folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
 @_DATA_DIR
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
-              mixed_precision, augment_on, data_dir, overwrite, quiet):
+              mixed_precision, augment_on, augment, head_epochs, label_smoothing, weights_dir, data_dir, overwrite, quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -124,9 +132,16 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
     raise CovidctError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}.")
   if pathlib.Path(out_dir).exists() and not overwrite:
     raise CovidctError(f"output folder {out_dir} exists; choose another or pass --overwrite.")
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from covidct.config import AugmentConfig  # pylint: disable=import-outside-toplevel
+
   cfg = resolve(recipe, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
                 learning_rate=learning_rate, seed=seed, strategy=strategy, mixed_precision=mixed_precision,
-                augment_on=augment_on, data_dir=data_dir)
+                augment_on=augment_on, head_epochs=head_epochs, label_smoothing=label_smoothing,
+                weights_dir=weights_dir, data_dir=data_dir)
+  if augment is not None:
+    cfg = dataclasses.replace(cfg, augment=AugmentConfig() if augment else None)
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
   summary = train(cfg, out_dir, overwrite=overwrite, verbose=2 if quiet else 1)

@@ -13,7 +13,8 @@ MODELS: dict[str, Callable] = {}
 
 
 def register(name: str):
-  """Adds a model builder `fn(x, keras) -> logits-free sigmoid output` under `name`: no training code changes."""
+  """Adds a model builder under `name`: `fn(x, keras, cfg)` takes the rescaled [0, 1] grayscale tensor and returns
+  the features the sigmoid head reads. No training code changes."""
 
   def deco(fn):
     MODELS[name] = fn
@@ -37,24 +38,81 @@ def _dense_stack(x, keras, dense):
 
 
 @register("basic")
-def _basic(x, keras):
+def _basic(x, keras, cfg):  # pylint: disable=unused-argument
   """The article's first model: 4,987,361 parameters at 248x248."""
   x = _conv_stack(x, keras, [(128, 4), (64, 8), (32, 16)])
   return _dense_stack(x, keras, [(128, 0.3)])
 
 
 @register("too_simple")
-def _too_simple(x, keras):
+def _too_simple(x, keras, cfg):  # pylint: disable=unused-argument
   """The article's five-convolution model: 671,185 parameters at 248x248."""
   x = _conv_stack(x, keras, [(16, 1), (32, 3), (64, 5), (64, 5), (64, 5)])
   return _dense_stack(x, keras, [(128, 0.4), (64, 0.5), (8, 0.3)])
 
 
 @register("final")
-def _final(x, keras):
+def _final(x, keras, cfg):  # pylint: disable=unused-argument
   """The article's final model: 2,010,513 parameters at 248x248."""
   x = _conv_stack(x, keras, [(16, 1), (32, 3), (64, 5), (64, 5)])
   return _dense_stack(x, keras, [(128, 0.4), (64, 0.5), (8, 0.3)])
+
+
+# MobileNetV2 ImageNet weights (no top) as Keras distributes them; Keras caches them in $KERAS_HOME/models/.
+MOBILENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+
+
+def mobilenet_weights_file(alpha: float, size: int = 224) -> str:
+  return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
+
+
+def resolve_backbone_weights(cfg, alpha: float):
+  """What to pass as `weights=`: None, 'imagenet' (Keras's cache, else its download), or a file found in
+  `cfg.weights_dir` (or its `rebuilt/` folder). A clear error when offline and the file is nowhere."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  if cfg.weights in (None, "none", ""):
+    return None
+  if cfg.weights != "imagenet":
+    if not os.path.isfile(cfg.weights):
+      raise CovidctError(f"backbone weights file {cfg.weights} does not exist.")
+    return cfg.weights
+  name = mobilenet_weights_file(alpha)
+  weights_dir = cfg.weights_dir or os.environ.get("COVIDCT_KERAS_WEIGHTS")
+  if weights_dir:
+    for cand in (os.path.join(weights_dir, name), os.path.join(weights_dir, "rebuilt", name)):
+      if os.path.isfile(cand):
+        return cand
+    raise CovidctError(f"{name} is not in {weights_dir} (nor its rebuilt/ folder); put the MobileNetV2 alpha={alpha} "
+                       f"ImageNet no-top weights there, or in $KERAS_HOME/models/, or leave --weights-dir out to download.")
+  return "imagenet"
+
+
+def _mobilenet_v2(alpha: float):
+  def build(x, keras, cfg):
+    """ImageNet MobileNetV2: grayscale [0, 1] -> 3 channels in [-1, 1] inside the model; the backbone runs in
+    inference mode (its batch-norm statistics stay frozen, as fine-tuning needs)."""
+    weights = resolve_backbone_weights(cfg, alpha)
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_minus1_1")(x)
+    x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    try:
+      backbone = keras.applications.MobileNetV2(input_shape=(cfg.image_size, cfg.image_size, 3), alpha=alpha,
+                                                include_top=False, weights=weights, name="backbone")
+    except Exception as e:  # a failed download surfaces as URLError, OSError or an Exception from get_file
+      if weights == "imagenet" and ("URL" in str(e) or "fetch" in str(e) or isinstance(e, OSError)):
+        raise CovidctError(
+            f"cannot download {mobilenet_weights_file(alpha)} (offline?): put it in $KERAS_HOME/models/ "
+            f"(default ~/.keras/models/) or pass --weights-dir DIR holding it.") from None
+      raise
+    x = backbone(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+
+  return build
+
+
+for _alpha in (0.35, 0.5, 1.0):
+  register(f"mobilenet_v2_{_alpha}")(_mobilenet_v2(_alpha))
 
 
 def build_model(cfg):
@@ -65,6 +123,6 @@ def build_model(cfg):
     raise CovidctError(f"unknown model {cfg.model!r}; choose one of {', '.join(sorted(MODELS))}.")
   inputs = keras.Input(shape=(cfg.image_size, cfg.image_size, 1), dtype="float32", name=INPUT_NAME)
   x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-  x = MODELS[cfg.model](x, keras)
+  x = MODELS[cfg.model](x, keras, cfg)
   outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_NAME)(x)
   return keras.Model(inputs, outputs, name=cfg.model)

@@ -98,6 +98,28 @@ def _validation_callback(model, val_ds):
   return Validation()
 
 
+def KeepBest(monitor: str, mode: str, model):  # pylint: disable=invalid-name
+  """A callback keeping the weights of the best epoch by `monitor` across several `fit` calls (EarlyStopping's
+  restore_best_weights forgets them at each new fit)."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  class _KeepBest(keras.callbacks.Callback):
+
+    def __init__(self):
+      super().__init__()
+      self.best, self.best_epoch, self.best_weights = None, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+      value = (logs or {}).get(monitor)
+      if value is None or value != value:  # missing or NaN
+        return
+      if self.best is None or (value > self.best if mode == "max" else value < self.best):
+        self.best, self.best_epoch = value, epoch
+        self.best_weights = [w.copy() for w in model.get_weights()]  # the model, not a training wrapper
+
+  return _KeepBest()
+
+
 def _class_weight(data_dir, enabled: bool):
   if not enabled:
     return None
@@ -150,24 +172,45 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
       if augment_on == "model" and cfg.augment is not None:
         # Augmentation in the training step (on the accelerator), in a wrapper: `model` itself never holds it.
         fit_model = keras.Sequential([build_augmenter(cfg.augment, cfg.seed), model], name="train_wrapper")
-      fit_model.compile(
-          optimizer=keras.optimizers.Adam(cfg.learning_rate),
-          loss=keras.losses.BinaryCrossentropy(),
-          metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc"),
-                   keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
-      )
     mode = "max" if cfg.monitor == "val_auc" else "min"
-    callbacks = [
-        _validation_callback(model, val_ds),
-        keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience or cfg.epochs,
-                                      restore_best_weights=True, verbose=min(verbose, 1)),
-        keras.callbacks.TensorBoard(log_dir=str(tmp / "logs")),
-    ]
-    hist = fit_model.fit(train_ds, epochs=cfg.epochs, callbacks=callbacks,
-                         class_weight=_class_weight(cfg.data_dir, cfg.class_weight), verbose=verbose)
-    history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+    keep_best = KeepBest(cfg.monitor, mode, model)
+    validation = _validation_callback(model, val_ds)
+    class_weight = _class_weight(cfg.data_dir, cfg.class_weight)
+    history: dict[str, list[float]] = {}
+
+    def fit(learning_rate, first_epoch, last_epoch, early_stopping: bool):
+      with strategy.scope():
+        fit_model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc"),
+                     keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
+        )
+      callbacks = [validation, keep_best, keras.callbacks.TensorBoard(log_dir=str(tmp / "logs"))]
+      if early_stopping:
+        callbacks.insert(2, keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
+                                                          patience=cfg.patience or cfg.epochs, verbose=min(verbose, 1)))
+      hist = fit_model.fit(train_ds, initial_epoch=first_epoch, epochs=last_epoch, callbacks=callbacks,
+                           class_weight=class_weight, verbose=verbose)
+      for k, vs in hist.history.items():
+        history.setdefault(k, []).extend(float(v) for v in vs)
+
+    backbone = next((l for l in model.layers if l.name == "backbone"), None)
+    if cfg.head_epochs and backbone is not None:
+      backbone.trainable = False  # stage 1: the head alone, on frozen ImageNet features
+      fit(cfg.learning_rate, 0, cfg.head_epochs, early_stopping=False)
+      backbone.trainable = True  # stage 2: fine-tune (batch norm stays in inference mode: see models.py)
+      for layer in backbone.layers[:cfg.fine_tune_from]:
+        layer.trainable = False
+      fit(cfg.fine_tune_learning_rate, cfg.head_epochs, cfg.head_epochs + cfg.epochs, early_stopping=True)
+    else:
+      fit(cfg.learning_rate, 0, cfg.epochs, early_stopping=True)
     scores = history[cfg.monitor]
-    best = int(np.argmax(scores) if mode == "max" else np.argmin(scores))
+    if keep_best.best_weights is None:  # the monitor was never defined (e.g. one class in validation)
+      best = len(scores) - 1
+    else:
+      model.set_weights(keep_best.best_weights)  # the best validation epoch, over every stage
+      best = keep_best.best_epoch
     model.save(tmp / "model.keras")
     export_saved_model(model, tmp / "saved_model", cfg.image_size)
     (tmp / "config.json").write_text(cfg.to_json())

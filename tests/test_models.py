@@ -36,7 +36,7 @@ def test_registry_takes_new_models():
   from covidct.models import register
 
   @register("tiny_test_model")
-  def _tiny(x, keras):
+  def _tiny(x, keras, cfg):  # noqa: ARG001
     return keras.layers.GlobalAveragePooling2D()(x)
 
   try:

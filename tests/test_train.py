@@ -85,7 +85,9 @@ def test_interrupted_run_leaves_nothing(dummy_data_dir, tmp_path, monkeypatch):
 def test_augmentation_in_the_training_step(dummy_data_dir, tmp_path):
   """augment_on='model': the augmenter wraps the model for fit only; the SavedModel holds no random layer."""
   out = tmp_path / "run"
-  summary = train(_cfg(dummy_data_dir, epochs=1, augment_on="model"), out, verbose=0)
+  from covidct.config import AugmentConfig
+
+  summary = train(_cfg(dummy_data_dir, epochs=1, augment_on="model", augment=AugmentConfig()), out, verbose=0)
   assert summary["augment_on"] == "model"
   images = split_arrays("test", str(dummy_data_dir), 48)["images"]
   sm = SavedModelRunner(out / "saved_model")
