@@ -11,7 +11,7 @@ from covidct.errors import CovidctError
 
 def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overrides: dict | None = None,
         formats: str = "all", n_boot: int = 1000, force_push: bool = False, echo=print) -> pathlib.Path:
-  """build dataset -> train -> evaluate -> export + parity -> bless + push -> report.md, under `out_dir`."""
+  """build dataset -> train -> evaluate -> export + parity -> bless + push -> short benchmark -> report.md."""
   from covidct import dataset  # pylint: disable=import-outside-toplevel
   from covidct.config import resolve  # pylint: disable=import-outside-toplevel
   from covidct.evaluate import evaluate, write_report  # pylint: disable=import-outside-toplevel
@@ -29,21 +29,21 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   def step(name):
     times[name] = round(time.time() - start - sum(times.values()), 1)
 
-  echo("1/5 dataset")
+  echo("1/6 dataset")
   builder = dataset.build(manual_dir=manual_dir, data_dir=data_dir)
   data_dir = str(builder.data_dir_root)
   step("dataset")
-  echo("2/5 training")
+  echo("2/6 training")
   cfg = resolve(recipe, data_dir=data_dir, **(overrides or {}))
   out.mkdir(parents=True)
   summary = train(cfg, out / "model", verbose=2)
   step("train")
-  echo("3/5 evaluation on the test split")
+  echo("3/6 evaluation on the test split")
   runner = SavedModelRunner(out / "model" / "saved_model")
   report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot)
   write_report(report, out / "model" / "evaluation-test")
   step("evaluate")
-  echo("4/5 export and parity")
+  echo("4/6 export and parity")
   parity_error = None
   try:
     manifest = export_model(out / "model", out / "export", formats, data_dir=data_dir, n_boot=n_boot, progress=echo)
@@ -51,19 +51,25 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
     parity_error = str(e)
     manifest = json.loads((out / "export" / "manifest.json").read_text())
   step("export")
-  echo("5/5 bless and push")
+  echo("5/6 bless and push")
   try:
     pushed = push(out / "export", out / "serving", force=force_push)
   except CovidctError as e:
     pushed = {"version": None, "blessed": False, "reasons": [str(e)]}
   step("push")
+  echo("6/6 short benchmark")
+  from benchmarks.run import run_benchmark  # pylint: disable=import-outside-toplevel
+
+  bench = run_benchmark(out / "export", out / "bench", batch_sizes=(1, 8), threads=(1,), runs=20, warmup=3,
+                        max_seconds=1.0, data_dir=data_dir, pipeline=False, progress=echo)
+  step("bench")
   times["total"] = round(time.time() - start, 1)
-  (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out))
+  (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench))
   echo(f"report: {out / 'report.md'}")
   return out / "report.md"
 
 
-def _report(cfg, summary, manifest, pushed, parity_error, times, out) -> str:
+def _report(cfg, summary, manifest, pushed, parity_error, times, out, bench) -> str:
   test = manifest["metrics"]["saved_model"]["test"]
   ci = test.get("ci95", {})
   at = test["at_threshold"]
@@ -96,7 +102,13 @@ def _report(cfg, summary, manifest, pushed, parity_error, times, out) -> str:
                  f"`serving/{pushed['version']}/MODEL_CARD.md`.")
   else:
     lines.append("Not pushed: " + "; ".join(pushed["reasons"]))
-  lines += ["", "## Where things are", "",
+  lines += ["", "## Latency (short run, 1 thread; full run: `covidct bench`)", "",
+            "| artifact / runtime | batch 1 p50 ms | batch 8 images/s |", "| --- | ---: | ---: |"]
+  for r in bench["results"]:
+    if r["status"] == "measured":
+      lines.append(f"| {r['artifact']} / {r['runtime']} | {r['batches']['1']['p50_ms']:.2f} | "
+                   f"{r['batches']['8']['throughput_ips']:.0f} |")
+  lines += ["", f"Full table: `{out}/bench/bench.md`.", "", "## Where things are", "",
             f"- model: `{out}/model` (SavedModel, model.keras, curves.png, history.json, logs/)",
             f"- evaluation: `{out}/model/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",
             f"- export: `{out}/export/` (artifacts, parity.md, manifest.json)",

@@ -150,5 +150,5 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
   report = (job / "report.md").read_text()
   assert "## Artifacts and parity" in report and "tflite_float32" in report and "serving/1/" in report
   for path in ("model/saved_model/saved_model.pb", "model/evaluation-test/roc.png", "export/manifest.json",
-               "export/parity.md", "serving/1/MODEL_CARD.md"):
+               "export/parity.md", "serving/1/MODEL_CARD.md", "bench/bench.md"):
     assert (job / path).exists(), path
