@@ -23,7 +23,6 @@ class Runner:
   output_name = OUTPUT_NAME
   input_dtype = np.uint8
   image_size: int
-  max_batch: int | None = None  # None: any batch size
 
   def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     images = np.asarray(images)
@@ -31,8 +30,8 @@ class Runner:
       raise CovidctError(f"{self.kind}: expected images of shape (N, {self.image_size}, {self.image_size}, 1), "
                          f"got {images.shape}; resize with covidct.data.resize_image first.")
     images = images.astype(np.uint8, copy=False)
-    step = self.max_batch or batch_size
-    out = [np.asarray(self._run(images[i:i + step]), dtype=np.float32).reshape(-1) for i in range(0, len(images), step)]
+    out = [np.asarray(self._run(images[i:i + batch_size]), dtype=np.float32).reshape(-1)
+           for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
   def _run(self, batch: np.ndarray) -> np.ndarray:
