@@ -50,7 +50,7 @@ def export_saved_model(model, path, image_size: int) -> None:
   archive.write_out(str(path), verbose=False)
 
 
-def plot_history(history: dict, path) -> None:
+def plot_history(history: dict, path, best_epoch: int | None = None) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -63,6 +63,8 @@ def plot_history(history: dict, path) -> None:
     ax.plot(epochs, history[m], label="train")
     if f"val_{m}" in history:
       ax.plot(epochs, history[f"val_{m}"], label="validation")
+    if best_epoch is not None:
+      ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
     ax.set_title(m)
     ax.set_xlabel("epoch")
     ax.legend()
@@ -214,7 +216,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     model.save(tmp / "model.keras")
     export_saved_model(model, tmp / "saved_model", cfg.image_size)
     (tmp / "config.json").write_text(cfg.to_json())
-    plot_history(history, tmp / "curves.png")
+    plot_history(history, tmp / "curves.png", best + 1)
     summary = {
         "best_epoch": best + 1, "epochs_run": len(scores), "monitor": cfg.monitor,
         "validation": {k[4:]: history[k][best] for k in history if k.startswith("val_")},
