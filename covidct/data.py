@@ -24,22 +24,69 @@ def resize_image(image, size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
+  """The article's augmentation on a whole float batch (B, H, W, C), as one affine warp per image.
+
+  Flip, rotation, shift, shear and zoom are drawn from stateless RNGs keyed by `seed` (int32 [2]) and composed
+  into a single matrix per image, so the batch is resampled once (bilinear, black fill) by TensorFlow's
+  ImageProjectiveTransformV3, on whatever device runs it. Same seed, same output.
+  """
+  images = tf.convert_to_tensor(images, tf.float32)
+  shape = tf.shape(images)
+  b = shape[0]
+  h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 6)
+
+  def uniform(i, lo, hi):
+    return tf.random.stateless_uniform([b], seeds[i], lo, hi)
+
+  one, zero = tf.ones([b]), tf.zeros([b])
+  flip = tf.where(uniform(0, 0.0, 1.0) < 0.5, -one, one) if cfg.horizontal_flip else one
+  angle = uniform(1, -1.0, 1.0) * (cfg.rotation_degrees * np.pi / 180.0)
+  tx, ty = uniform(2, -1.0, 1.0) * cfg.shift * w, uniform(3, -1.0, 1.0) * cfg.shift * h
+  shear = uniform(4, -1.0, 1.0) * cfg.shear
+  zoom = uniform(5, 1.0 - cfg.zoom, 1.0 + cfg.zoom)
+
+  def mat(rows):
+    return tf.stack([tf.stack(r, axis=-1) for r in rows], axis=-2)  # (B, 3, 3)
+
+  cx, cy = (w - 1) / 2, (h - 1) / 2
+  to_center = mat([[one, zero, -cx * one], [zero, one, -cy * one], [zero, zero, one]])
+  scale = mat([[zoom * flip, zero, zero], [zero, zoom, zero], [zero, zero, one]])
+  shear_m = mat([[one, shear, zero], [zero, one, zero], [zero, zero, one]])
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  rotate = mat([[cos, -sin, zero], [sin, cos, zero], [zero, zero, one]])
+  back = mat([[one, zero, cx + tx], [zero, one, cy + ty], [zero, zero, one]])
+  forward = back @ rotate @ shear_m @ scale @ to_center  # input -> output coordinates
+  inverse = tf.linalg.inv(forward)  # the op maps output pixels back to input pixels
+  inverse = inverse / inverse[:, 2:3, 2:3]
+  transforms = tf.reshape(inverse, [b, 9])[:, :8]
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+      interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
 def build_augmenter(cfg: AugmentConfig, seed: int):
-  """The article's augmentation as Keras layers, on whole float batches; a fresh one per pipeline keeps it seeded."""
+  """`augment_batch` as a Keras layer (active only in training), to run inside the training step on the
+  accelerator: it draws a fresh seed pair per batch from a seeded Keras SeedGenerator."""
   import keras  # pylint: disable=import-outside-toplevel
 
-  layers = []
-  if cfg.horizontal_flip:
-    layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-  if cfg.rotation_degrees:
-    layers.append(keras.layers.RandomRotation(cfg.rotation_degrees / 360.0, fill_mode="constant", seed=seed + 1))
-  if cfg.shift:
-    layers.append(keras.layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant", seed=seed + 2))
-  if cfg.shear:
-    layers.append(keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant", seed=seed + 3))
-  if cfg.zoom:
-    layers.append(keras.layers.RandomZoom(cfg.zoom, cfg.zoom, fill_mode="constant", seed=seed + 4))
-  return keras.Sequential(layers, name="augmentation")
+  class BatchAugment(keras.layers.Layer):
+
+    def __init__(self):
+      super().__init__(name="augmentation")
+      self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+      if not training:
+        return x
+      pair = keras.random.randint((2,), 0, 2**31 - 1, seed=self.generator, dtype="int32")
+      return augment_batch(x, pair, cfg)
+
+    def compute_output_shape(self, input_shape):
+      return input_shape
+
+  return BatchAugment()
 
 
 def load_split(split: str, data_dir: str | None, image_size: int, with_meta: bool = False) -> tf.data.Dataset:
@@ -74,11 +121,12 @@ def build_inputs(split: str, *, data_dir: str | None = None, image_size: int = 2
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=AUTOTUNE)
   if training and augment is not None:
-    augmenter = build_augmenter(augment, seed)
-    apply = tf.autograph.experimental.do_not_convert(lambda x, y: (augmenter(x, training=True), y))
-    # One batch at a time: the layers draw from a seeded random state, so parallel calls would race for it.
-    # Each call is a vectorised op over the whole batch, multi-threaded inside TensorFlow.
-    ds = ds.map(apply)
+    # Each batch carries its own seed pair from a seeded random stream (new values every epoch), so the batches
+    # can be augmented in parallel and still come out the same for the same seed.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(
+        lambda xy, s: (augment_batch(xy[0], tf.cast(s % (2**31 - 1), tf.int32), augment), xy[1]),
+        num_parallel_calls=AUTOTUNE)
   return ds.prefetch(AUTOTUNE)
 
 

@@ -56,3 +56,27 @@ def test_split_arrays(dummy_data_dir):
   arr = split_arrays("test", str(dummy_data_dir), 32)
   assert arr["images"].dtype == np.uint8 and arr["images"].shape == (4, 32, 32, 1)
   assert list(arr["labels"]).count(1) == 2 and all(arr["patient_ids"]) and all(arr["filenames"])
+
+
+def test_augment_batch_geometry():
+  import tensorflow as tf
+
+  from covidct.data import augment_batch
+
+  x = np.zeros((4, 64, 64, 1), np.float32)
+  x[:, 20:44, 10:30] = 255
+  none = AugmentConfig(horizontal_flip=False, rotation_degrees=0, shift=0, shear=0, zoom=0)
+  np.testing.assert_array_equal(augment_batch(x, tf.constant([3, 4]), none).numpy(), x)  # identity
+  flips = augment_batch(x, tf.constant([5, 5]), AugmentConfig(rotation_degrees=0, shift=0, shear=0, zoom=0)).numpy()
+  assert all(np.array_equal(f, x[0]) or np.array_equal(f, x[0][:, ::-1]) for f in flips)
+  a = augment_batch(x, tf.constant([1, 2]), AugmentConfig()).numpy()
+  np.testing.assert_array_equal(a, augment_batch(x, tf.constant([1, 2]), AugmentConfig()).numpy())  # seeded
+  assert not np.array_equal(a, augment_batch(x, tf.constant([2, 2]), AugmentConfig()).numpy())
+  assert a.min() >= 0 and a.max() <= 255 and abs(a.mean() - x.mean()) < 0.2 * x.mean()  # light: mass preserved
+
+
+def test_augmentation_differs_between_epochs(dummy_data_dir):
+  ds = build_inputs("train", data_dir=str(dummy_data_dir), image_size=48, batch_size=6, training=True,
+                    augment=AugmentConfig(), seed=2, shuffle_buffer=1)  # no shuffle: same images each epoch
+  first, second = [x.numpy() for x, _ in ds], [x.numpy() for x, _ in ds]
+  assert not np.array_equal(first[0], second[0])
