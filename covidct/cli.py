@@ -156,38 +156,48 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
 
 
 @main.command("evaluate")
-@click.argument("model", type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Report folder (default: MODEL/evaluation-SPLIT for a folder, else next to the file).")
 @click.option("--target-sensitivity", type=float, default=0.90, show_default=True,
               help="The operating threshold is the highest one reaching this sensitivity on validation.")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Resamples over patients.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average each image with its mirror.")
 @_DATA_DIR
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @_friendly
-def evaluate_cmd(model, split, out_dir, target_sensitivity, n_boot, data_dir, overwrite):
-  """Evaluate MODEL (training folder, SavedModel, .keras, .tflite or .onnx) on a split; write a report."""
+def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, data_dir, overwrite):
+  """Evaluate a model (training folder, SavedModel, .keras, .tflite or .onnx) on a split; write a report.
+
+  Several models: their mean probability is evaluated (an ensemble); --out is then required."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
   from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
 
   if not 0 < target_sensitivity <= 1:
     raise CovidctError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}.")
-  path = pathlib.Path(model)
+  if len(models) > 1 and not out_dir:
+    raise CovidctError("an ensemble of several models needs --out for its report.")
+  path = pathlib.Path(models[0])
   out = pathlib.Path(out_dir) if out_dir else (path / f"evaluation-{split}" if path.is_dir()
                                                else path.with_name(f"{path.stem}-evaluation-{split}"))
   if out.exists() and not overwrite:
     raise CovidctError(f"output folder {out} exists; choose another with --out or pass --overwrite.")
   from covidct.evaluate import evaluate, markdown, write_report  # pylint: disable=import-outside-toplevel
-  from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
+  from covidct.runners import EnsembleRunner, FlipTTARunner, load_runner  # pylint: disable=import-outside-toplevel
 
-  runner = load_runner(path)
+  runners = [load_runner(m) for m in models]
+  runner = runners[0] if len(runners) == 1 else EnsembleRunner(runners)
+  if tta:
+    runner = FlipTTARunner(runner)
   report = evaluate(runner, runner.image_size, data_dir=data_dir, split=split,
                     target_sensitivity=target_sensitivity, n_boot=n_boot)
-  report["model"] = str(path)
-  write_report(report, out, overwrite=overwrite, title=f"Evaluation of {path.name}")
-  click.echo(markdown(report, f"Evaluation of {path.name}"))
+  report["model"] = [str(m) for m in models] if len(models) > 1 else str(path)
+  report["test_time_augmentation"] = "horizontal flip" if tta else None
+  title = f"Evaluation of {' + '.join(pathlib.Path(m).name for m in models)}{' with flip TTA' if tta else ''}"
+  write_report(report, out, overwrite=overwrite, title=title)
+  click.echo(markdown(report, title))
   click.echo(f"Report: {out}/report.md")
 
 

@@ -172,6 +172,35 @@ class OnnxRunner(Runner):
     return self.session.run([self.output_name], {self.input_name: batch.astype(self.input_dtype)})[0]
 
 
+class EnsembleRunner(Runner):
+  """The mean probability of several runners (e.g. the same recipe trained with different seeds)."""
+
+  kind = "ensemble"
+
+  def __init__(self, runners: list[Runner]):
+    sizes = {r.image_size for r in runners}
+    if len(sizes) != 1:
+      raise CovidctError(f"ensemble members take different image sizes {sorted(sizes)}; use models of one size.")
+    self.runners = runners
+    self.image_size = sizes.pop()
+
+  def _run(self, batch):
+    return np.mean([r(batch, batch_size=len(batch)) for r in self.runners], axis=0)
+
+
+class FlipTTARunner(Runner):
+  """Test-time augmentation: the mean probability of each image and its horizontal mirror."""
+
+  kind = "flip_tta"
+
+  def __init__(self, runner: Runner):
+    self.runner = runner
+    self.image_size = runner.image_size
+
+  def _run(self, batch):
+    return (self.runner(batch, batch_size=len(batch)) + self.runner(batch[:, :, ::-1], batch_size=len(batch))) / 2
+
+
 def load_runner(path, **kwargs) -> Runner:
   """The runner for an artifact: a training output folder, a SavedModel folder, .keras, .tflite or .onnx."""
   path = pathlib.Path(path)

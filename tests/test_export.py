@@ -152,3 +152,21 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
   for path in ("model/saved_model/saved_model.pb", "model/evaluation-test/roc.png", "export/manifest.json",
                "export/parity.md", "serving/1/MODEL_CARD.md", "bench/bench.md"):
     assert (job / path).exists(), path
+
+
+def test_ensemble_and_flip_tta(model_dir, exported, dummy_data_dir, tmp_path):
+  from covidct.runners import EnsembleRunner, FlipTTARunner
+
+  images = split_arrays("test", str(dummy_data_dir), SIZE)["images"]
+  a = load_runner(exported / "model_float32.onnx")
+  b = load_runner(exported / "model_float32.tflite")
+  np.testing.assert_allclose(EnsembleRunner([a, b])(images), (a(images) + b(images)) / 2, atol=1e-7)
+  np.testing.assert_allclose(FlipTTARunner(a)(images), (a(images) + a(images[:, :, ::-1])) / 2, atol=1e-7)
+  res = CliRunner().invoke(main, ["evaluate", str(model_dir), str(exported / "model_float32.onnx"), "--tta",
+                                  "--data-dir", str(dummy_data_dir), "--bootstrap", "10"])
+  assert res.exit_code == 1 and "needs --out" in res.stderr
+  res = CliRunner().invoke(main, ["evaluate", str(model_dir), str(exported / "model_float32.onnx"), "--tta",
+                                  "--data-dir", str(dummy_data_dir), "--bootstrap", "10", "--out", str(tmp_path / "e")])
+  assert res.exit_code == 0, res.output
+  report = json.loads((tmp_path / "e" / "report.json").read_text())
+  assert len(report["model"]) == 2 and report["test_time_augmentation"] == "horizontal flip"
