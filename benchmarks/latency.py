@@ -11,6 +11,17 @@ import sys
 from covidct.errors import CovidctError
 
 
+def nvidia_gpus() -> list[str]:
+  """Names and driver of the NVIDIA GPUs here, by nvidia-smi (empty where there is none)."""
+  try:
+    res = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  return [f"{name.strip()} ({mem.strip()}, driver {drv.strip()})" for name, mem, drv in
+          (l.split(",") for l in res.stdout.splitlines() if l.count(",") == 2)] if res.returncode == 0 else []
+
+
 def gpu_status() -> dict:
   """Whether TensorFlow and ONNX Runtime can use a GPU here, and the reason when not."""
   out = {}
@@ -24,13 +35,32 @@ def gpu_status() -> dict:
     out["tensorflow"] = {"available": False, "reason": "TensorFlow is not installed"}
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
 
+  if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu: load CUDA and cuDNN from the nvidia-* wheels, if installed
+    try:
+      ort.preload_dlls()
+    except Exception:  # pylint: disable=broad-except
+      pass
   providers = ort.get_available_providers()
   for name, key in (("CUDAExecutionProvider", "onnxruntime_cuda"), ("TensorrtExecutionProvider", "onnxruntime_tensorrt")):
     ok = name in providers
     out[key] = {"available": ok, "reason": None if ok else
                 f"{name} is not in this onnxruntime ({ort.__version__}, providers {providers}); "
                 "install onnxruntime-gpu (extra 'gpu') on a machine with CUDA"}
+  if out["onnxruntime_tensorrt"]["available"] and not _loadable("libnvinfer.so.10"):
+    # onnxruntime-gpu lists TensorRT whenever it was built with it; the session then falls back to CUDA.
+    out["onnxruntime_tensorrt"] = {"available": False, "reason": "onnxruntime-gpu has TensorrtExecutionProvider, but "
+                                   "TensorRT's libnvinfer.so.10 is not installed (install TensorRT 10 for CUDA 13, e.g. the tensorrt-cu13 wheel)"}
   return out
+
+
+def _loadable(library: str) -> bool:
+  import ctypes  # pylint: disable=import-outside-toplevel
+
+  try:
+    ctypes.CDLL(library)
+    return True
+  except OSError:
+    return False
 
 
 def configurations(artifacts_dir, threads=(1, 2), gpu: dict | None = None) -> list[dict]:

@@ -15,9 +15,11 @@ def markdown(report: dict) -> str:
   bs = report["settings"]["batch_sizes"]
   lines = [
       "# Inference benchmark", "",
+      *([f"GPU: {', '.join(env['gpu_devices'])}.", ""] if env.get("gpu_devices") else []),
       f"CPU: {cpu['model']}, {cpu['cores']} cores, {cpu['mhz']:.0f} MHz, {cpu['vector']}"
       f"{', AMX-INT8' if cpu['amx_int8'] else ''}{', VNNI' if cpu['vnni'] else ''}. "
-      f"Model: {model['flops_per_image'] / 1e9:.3f} GFLOP per image ({model['flops_source']}).", "",
+      + (f"Model: {model['flops_per_image'] / 1e9:.3f} GFLOP per image ({model['flops_source']})."
+       if model.get("flops_per_image") else f"Model FLOPs: {model['flops_source']}."), "",
       "Peak: measured float32 GEMM " + ", ".join(f"{v:.1f} GFLOP/s on {t} thread(s)"
                                                  for t, v in peak["measured_gemm_gflops"].items())
       + f"; theoretical {peak['theoretical_gflops_per_core']:.1f} GFLOP/s per core ({peak['theoretical_basis']}). "

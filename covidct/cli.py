@@ -310,10 +310,15 @@ def _int_list(ctx, param, value):
 @click.option("--max-seconds", default=5.0, show_default=True, type=float,
               help="Stop timing a batch size after this long (at least 5 runs).")
 @click.option("--no-pipeline", is_flag=True, help="Skip the input-pipeline measurement.")
+@click.option("--runtimes", default=None, metavar="LIST",
+              help="Only these runtimes, comma-separated: tf_signature, keras_predict, keras_call, litert, ort, "
+                   "tf_signature_gpu, ort_cuda, ort_tensorrt (default: all). E.g. 'ort,ort_cuda' on a GPU machine "
+                   "without TensorFlow.")
 @_DATA_DIR
 @click.option("--overwrite", is_flag=True)
 @_friendly
-def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_seconds, no_pipeline, data_dir, overwrite):
+def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_seconds, no_pipeline, runtimes, data_dir,
+              overwrite):
   """Latency and throughput of every artifact in ARTIFACTS_DIR (a `covidct export` folder) on every runtime."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -326,7 +331,8 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
   from benchmarks.run import run_benchmark  # pylint: disable=import-outside-toplevel
 
   report = run_benchmark(artifacts_dir, out, batch_sizes, threads, runs, warmup, max_seconds, data_dir=data_dir,
-                         pipeline=not no_pipeline, overwrite=overwrite, progress=lambda m: click.echo(m, err=True))
+                         pipeline=not no_pipeline, overwrite=overwrite, progress=lambda m: click.echo(m, err=True),
+                         runtimes=[r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None)
   click.echo(markdown(report))
   click.echo(f"Report: {out}/bench.md")
 

@@ -162,6 +162,11 @@ class OnnxRunner(Runner):
       self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
       raise CovidctError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]}); export it again.") from e
+    wanted = (providers or ["CPUExecutionProvider"])[0]
+    if wanted not in self.session.get_providers():  # ONNX Runtime falls back to the CPU silently: refuse that
+      raise CovidctError(f"ONNX Runtime could not start {wanted} (session has {self.session.get_providers()}); check "
+                         "that onnxruntime-gpu and the CUDA/cuDNN libraries it needs are installed.")
+    self.providers = self.session.get_providers()
     inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
     self.input_name, self.output_name = inp.name, out.name
     self.input_dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(inp.type, np.uint8)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import time
-from importlib import metadata
 
 import numpy as np
 
@@ -17,24 +17,13 @@ from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.runners import SavedModelRunner, load_runner
+from covidct.versions import library_versions
 from export.errors import ParityError
 from export.formats import export_format, parse_formats, sha256
 from export.parity import check_parity, write_report
 
-LIBRARIES = ("tensorflow", "keras", "tensorflow-datasets", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert",
-             "scikit-learn", "numpy")
 PREPROCESSING = ("decode to grayscale uint8 (RGB/RGBA by ITU-R 601-2 luma), resize to SxS bilinear with "
                  "antialiasing, round to uint8 (covidct.data.resize_image); rescaling to [0, 1] is inside the model")
-
-
-def library_versions() -> dict:
-  out = {}
-  for name in LIBRARIES:
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      out[name] = None
-  return out
 
 
 def resolve_saved_model(model_dir) -> pathlib.Path:
@@ -86,6 +75,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       parity.append(check_parity(reference, load_runner(results[fmt].path), fmt, arrays["test"], threshold, ref_probs))
     if "onnx_int8" in formats and "onnx_float32" not in formats:
       pathlib.Path(results.pop("onnx_float32").path).unlink()
+    # Paths relative to the export folder (the temporary folder's name is gone once it is renamed).
+    parity = [dataclasses.replace(r, path=os.path.basename(r.path)) for r in parity]
     report = write_report(parity, threshold, tmp)
     files = {}
     for p in sorted(tmp.rglob("*")):
@@ -112,8 +103,6 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
           "export_seconds": round(res.seconds, 2), "parity": r.to_dict(), **res.details}
       manifest["metrics"][r.format] = {"test": {"roc_auc": r.roc_auc, "sensitivity": r.sensitivity,
                                                 "specificity": r.specificity, "agreement": r.agreement}}
-    for key in list(manifest["artifacts"]):
-      manifest["artifacts"][key]["parity"]["path"] = manifest["artifacts"][key]["file"]
     config = pathlib.Path(model_dir) / "config.json"
     if config.exists():
       manifest["training_config"] = json.loads(config.read_text())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,3 +89,39 @@ def test_bench_needs_an_export_folder(tmp_path):
   assert res.exit_code == 1 and "manifest.json" in res.stderr
   res = CliRunner().invoke(main, ["bench", str(tmp_path), "--batch-sizes", "1,x"])
   assert res.exit_code == 2
+
+
+def test_bench_on_a_machine_without_tensorflow(exported, tmp_path):
+  """What a GPU machine with onnxruntime-gpu and no TensorFlow runs: `--runtimes ort` in a process where TensorFlow
+  cannot be imported. FLOPs are reported as not measured; the ONNX rows are measured."""
+  out = tmp_path / "bench"
+  script = ("import sys; sys.modules['tensorflow'] = None\n"
+            "from covidct.cli import main\n"
+            f"main(['bench', {str(exported)!r}, '--out', {str(out)!r}, '--runtimes', 'ort,ort_cuda', '--threads', '1',"
+            " '--batch-sizes', '1', '--runs', '3', '--warmup', '1', '--max-seconds', '0.2', '--no-pipeline'])\n")
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                       cwd=pathlib.Path(__file__).parents[1])
+  assert res.returncode == 0, res.stderr[-2000:]
+  report = json.loads((out / "bench.json").read_text())
+  assert {r["runtime"] for r in report["results"]} <= {"ort", "ort_cuda"}
+  measured = [r for r in report["results"] if r["status"] == "measured"]
+  assert [r["runtime"] for r in measured][:1] == ["ort"] and measured[0]["batches"]["1"]["p50_ms"] > 0
+  assert report["model"]["flops_per_image"] is None and "TensorFlow is not installed" in report["model"]["flops_source"]
+  assert "Model FLOPs: not measured" in (out / "bench.md").read_text()
+
+
+def test_bench_rejects_an_unknown_runtime(exported, tmp_path):
+  res = CliRunner().invoke(main, ["bench", str(exported), "--out", str(tmp_path / "b"), "--runtimes", "ort,tpu"])
+  assert res.exit_code == 1 and "unknown runtimes ['tpu']" in res.stderr
+
+
+def test_onnx_runner_refuses_a_silent_cpu_fallback(exported):
+  import onnxruntime as ort
+
+  from covidct.errors import CovidctError
+  from covidct.runners import OnnxRunner
+
+  if "CUDAExecutionProvider" in ort.get_available_providers():
+    pytest.skip("this machine has CUDA: no fallback to provoke")
+  with pytest.raises(CovidctError, match="could not start CUDAExecutionProvider"):
+    OnnxRunner(exported / "model_float32.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
