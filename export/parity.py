@@ -30,6 +30,8 @@ class ParityResult:
   specificity: float
   agreement: float
   failures: list[str]
+  median_abs_diff: float = float("nan")  # on the test images alone (max_abs_diff includes the edge inputs)
+  rank_correlation: float = float("nan")  # Spearman, candidate against SavedModel probabilities on the test images
 
   @property
   def passed(self) -> bool:
@@ -87,8 +89,13 @@ def check_parity(reference, candidate, fmt: str, test: dict, threshold: float, r
                       f"(allowed {MAX_AUC_DROP})")
     if agreement < MIN_AGREEMENT:
       failures.append(f"decisions at threshold {threshold:.4f} agree on {agreement:.1%} of scans (< {MIN_AGREEMENT:.0%})")
+  from scipy.stats import spearmanr  # pylint: disable=import-outside-toplevel
+
+  diffs = np.abs(cand_p.astype(np.float64) - ref_p)
+  rank = float(spearmanr(cand_p, ref_p)[0]) if len(cand_p) > 1 else float("nan")
   return ParityResult(fmt, str(getattr(candidate, "path", "")), candidate.input_name, candidate.output_name, max_diff,
-                      tolerance, auc, ref_auc, at["sensitivity"], at["specificity"], agreement, failures)
+                      tolerance, auc, ref_auc, at["sensitivity"], at["specificity"], agreement, failures,
+                      float(np.median(diffs)), rank)
 
 
 def markdown(results: list[ParityResult], threshold: float) -> str:
@@ -96,12 +103,15 @@ def markdown(results: list[ParityResult], threshold: float) -> str:
            f"Test split, {len(results) and 'all'} test images plus all-black, all-white, batch-of-one and batch-of-many "
            f"inputs. Operating threshold {threshold:.4f}. Quantized formats pass when their ROC AUC is within "
            f"{MAX_AUC_DROP} of the SavedModel's and decisions agree on >= {MIN_AGREEMENT:.0%} of scans.", "",
-           "| format | max abs diff | tolerance | ROC AUC | vs SavedModel | sensitivity | specificity | agreement | result |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "`median diff` and `rank corr` (Spearman) compare the probabilities on the test images alone.", "",
+           "| format | max abs diff | tolerance | median diff | rank corr | ROC AUC | vs SavedModel | sensitivity "
+           "| specificity | agreement | result |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
   for r in results:
     tol = f"{r.tolerance:.0e}" if r.tolerance is not None else "report"
     verdict = "pass" if r.passed else "FAIL: " + "; ".join(r.failures)
-    lines.append(f"| {r.format} | {r.max_abs_diff:.2e} | {tol} | {r.roc_auc:.4f} | {r.roc_auc - r.reference_roc_auc:+.4f} "
+    lines.append(f"| {r.format} | {r.max_abs_diff:.2e} | {tol} | {r.median_abs_diff:.1e} | {r.rank_correlation:.4f} "
+                 f"| {r.roc_auc:.4f} | {r.roc_auc - r.reference_roc_auc:+.4f} "
                  f"| {r.sensitivity:.3f} | {r.specificity:.3f} | {r.agreement:.1%} | {verdict} |")
   return "\n".join(lines) + "\n"
 

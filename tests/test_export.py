@@ -57,6 +57,9 @@ def test_export_folder_and_manifest(exported):
   parity = json.loads((exported / "parity.json").read_text())
   assert all(a["passed"] for a in parity["artifacts"])
   assert max(a["max_abs_diff"] for a in parity["artifacts"] if a["format"] != "tflite_float16") <= 1e-5
+  for a in parity["artifacts"]:
+    assert a["path"] == manifest["artifacts"][a["format"]]["file"]  # relative: the temporary folder is gone
+    assert a["median_abs_diff"] <= a["max_abs_diff"] and a["rank_correlation"] > 0.99
 
 
 def test_parity_fails_on_a_perturbed_model(model_dir, dummy_data_dir, tmp_path):
@@ -72,6 +75,7 @@ def test_parity_fails_on_a_perturbed_model(model_dir, dummy_data_dir, tmp_path):
   res = check_parity(SavedModelRunner(model_dir / "saved_model"), load_runner(result.path), "tflite_float32", test, 0.5)
   assert not res.passed and res.max_abs_diff > 1e-3
   assert any("tolerance" in f for f in res.failures)
+  assert res.median_abs_diff > 1e-3  # the shift shows on the test images too; a monotone shift keeps the ranking
 
 
 def test_parity_checks_names_first(model_dir, dummy_data_dir):
