@@ -116,6 +116,9 @@ def _positive(ctx, param, value):
               help="Where augmentation runs: tf.data on the CPU, or the training step on the accelerator.")
 @click.option("--augment/--no-augment", default=None,
               help="The article's augmentation on the training split (default: the recipe's choice).")
+@click.option("--noise", type=float, default=None,
+              help="Std of Gaussian pixel noise, in grey levels, added to the augmented training images (needs "
+                   "augmentation). Makes a model less sensitive to small perturbations, such as int8 quantization.")
 @click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
 @click.option("--label-smoothing", type=float, default=None)
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
@@ -125,7 +128,8 @@ def _positive(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
-              mixed_precision, augment_on, augment, head_epochs, label_smoothing, weights_dir, data_dir, overwrite, quiet):
+              mixed_precision, augment_on, augment, noise, head_epochs, label_smoothing, weights_dir, data_dir, overwrite,
+              quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -146,7 +150,13 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
                 augment_on=augment_on, head_epochs=head_epochs, label_smoothing=label_smoothing,
                 weights_dir=weights_dir, data_dir=data_dir)
   if augment is not None:
-    cfg = dataclasses.replace(cfg, augment=AugmentConfig() if augment else None)
+    cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)
+  if noise is not None:
+    if noise < 0:
+      raise CovidctError(f"--noise must be zero or more grey levels, got {noise}.")
+    if cfg.augment is None:
+      raise CovidctError(f"--noise needs augmentation, and the '{recipe}' recipe has none: add --augment.")
+    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, noise=noise))
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
   summary = train(cfg, out_dir, overwrite=overwrite, verbose=2 if quiet else 1)

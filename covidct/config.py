@@ -17,6 +17,7 @@ class AugmentConfig:
   shift: float = 0.05
   shear: float = 0.05
   zoom: float = 0.05
+  noise: float = 0.0  # std of Gaussian pixel noise, in grey levels (0-255); not in the article's recipe
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,8 @@ def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
 
   Flip, rotation, shift, shear and zoom are drawn from stateless RNGs keyed by `seed` (int32 [2]) and composed
   into a single matrix per image, so the batch is resampled once (bilinear, black fill) by TensorFlow's
-  ImageProjectiveTransformV3, on whatever device runs it. Same seed, same output.
+  ImageProjectiveTransformV3, on whatever device runs it. Same seed, same output. With `cfg.noise`, Gaussian pixel
+  noise of that std (grey levels) is added after the warp, from a stream of its own.
   """
   images = tf.convert_to_tensor(images, tf.float32)
   shape = tf.shape(images)
@@ -61,9 +62,14 @@ def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
   inverse = tf.linalg.inv(forward)  # the op maps output pixels back to input pixels
   inverse = inverse / inverse[:, 2:3, 2:3]
   transforms = tf.reshape(inverse, [b, 9])[:, :8]
-  return tf.raw_ops.ImageProjectiveTransformV3(
+  warped = tf.raw_ops.ImageProjectiveTransformV3(
       images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
       interpolation="BILINEAR", fill_mode="CONSTANT")
+  if not cfg.noise:
+    return warped
+  # Gaussian pixel noise (std in grey levels), from its own stream so the warp is the same with or without it.
+  noise_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int32), 7)
+  return tf.clip_by_value(warped + tf.random.stateless_normal(shape, noise_seed) * cfg.noise, 0.0, 255.0)
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):

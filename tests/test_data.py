@@ -1,5 +1,7 @@
 """The tf.data pipeline on the prepared dummy dataset: dtypes, shapes, ranges, determinism, augmentation."""
 
+import dataclasses
+
 import numpy as np
 
 from covidct.config import AugmentConfig
@@ -73,6 +75,26 @@ def test_augment_batch_geometry():
   np.testing.assert_array_equal(a, augment_batch(x, tf.constant([1, 2]), AugmentConfig()).numpy())  # seeded
   assert not np.array_equal(a, augment_batch(x, tf.constant([2, 2]), AugmentConfig()).numpy())
   assert a.min() >= 0 and a.max() <= 255 and abs(a.mean() - x.mean()) < 0.2 * x.mean()  # light: mass preserved
+
+
+def test_augment_batch_noise():
+  import tensorflow as tf
+
+  from covidct.data import augment_batch
+
+  x = np.full((8, 64, 64, 1), 128, np.float32)
+  x[:, :, :8] = 0  # a black band: noise there is clipped at 0
+  plain = AugmentConfig(horizontal_flip=False, rotation_degrees=0, shift=0, shear=0, zoom=0)
+  noisy = augment_batch(x, tf.constant([1, 2]), dataclasses.replace(plain, noise=4.0)).numpy()
+  d = noisy[:, 8:56, 8:56] - 128  # away from the band and the warp's edge
+  assert abs(d.mean()) < 0.1 and 3.8 < d.std() < 4.2  # the requested grey-level std
+  assert noisy.min() >= 0 and noisy.max() <= 255
+  np.testing.assert_array_equal(noisy, augment_batch(x, tf.constant([1, 2]), dataclasses.replace(plain, noise=4.0)))
+  # the warp is drawn from its own stream: adding noise leaves the geometry as it was
+  warp = AugmentConfig()
+  a = augment_batch(x, tf.constant([3, 4]), warp).numpy()
+  b = augment_batch(x, tf.constant([3, 4]), dataclasses.replace(warp, noise=2.0)).numpy()
+  assert np.abs(b - a)[:, 16:48, 16:48].mean() < 3
 
 
 def test_augmentation_differs_between_epochs(dummy_data_dir):
