@@ -118,7 +118,7 @@ def _positive(ctx, param, value):
               help="The article's augmentation on the training split (default: the recipe's choice).")
 @click.option("--noise", type=float, default=None,
               help="Std of Gaussian pixel noise, in grey levels, added to the augmented training images (needs "
-                   "augmentation). Makes a model less sensitive to small perturbations, such as int8 quantization.")
+                   "augmentation).")
 @click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
 @click.option("--label-smoothing", type=float, default=None)
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
