@@ -125,3 +125,12 @@ def test_onnx_runner_refuses_a_silent_cpu_fallback(exported):
     pytest.skip("this machine has CUDA: no fallback to provoke")
   with pytest.raises(CovidctError, match="could not start CUDAExecutionProvider"):
     OnnxRunner(exported / "model_float32.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_tensorrt_needs_its_library():
+  from benchmarks.latency import _loadable
+
+  assert _loadable("libc.so.6") and not _loadable("libnvinfer-not-here.so.10")
+  trt = gpu_status()["onnxruntime_tensorrt"]
+  if not _loadable("libnvinfer.so.10"):  # onnxruntime-gpu may list the provider; without TensorRT it cannot run
+    assert trt["available"] is False and trt["reason"]
