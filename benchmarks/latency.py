@@ -48,8 +48,9 @@ def gpu_status() -> dict:
                 "install onnxruntime-gpu (extra 'gpu') on a machine with CUDA"}
   if out["onnxruntime_tensorrt"]["available"] and not _loadable("libnvinfer.so.10"):
     # onnxruntime-gpu lists TensorRT whenever it was built with it; the session then falls back to CUDA.
-    out["onnxruntime_tensorrt"] = {"available": False, "reason": "onnxruntime-gpu has TensorrtExecutionProvider, but "
-                                   "TensorRT's libnvinfer.so.10 is not installed (install TensorRT 10 for CUDA 13, e.g. the tensorrt-cu13 wheel)"}
+    out["onnxruntime_tensorrt"] = {
+        "available": False, "reason": "onnxruntime-gpu has TensorrtExecutionProvider, but TensorRT's libnvinfer.so.10 "
+                                      "is not installed (install TensorRT 10 for CUDA 13, e.g. the tensorrt-cu13 wheel)"}
   return out
 
 

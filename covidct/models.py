@@ -58,11 +58,8 @@ def _final(x, keras, cfg):  # pylint: disable=unused-argument
   return _dense_stack(x, keras, [(128, 0.4), (64, 0.5), (8, 0.3)])
 
 
-# MobileNetV2 ImageNet weights (no top) as Keras distributes them; Keras caches them in $KERAS_HOME/models/.
-MOBILENET_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-
-
 def mobilenet_weights_file(alpha: float, size: int = 224) -> str:
+  """The MobileNetV2 ImageNet no-top weight file as Keras names it in its cache ($KERAS_HOME/models/)."""
   return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
@@ -56,8 +57,6 @@ def test_gpu_rows_say_why_they_are_skipped(exported):
   if not tf.config.list_physical_devices("GPU"):
     tf_row = next(r for r in gpu_rows if r["runtime"] == "tf_signature_gpu")
     assert "no GPU" in tf_row["skipped"]
-  import onnxruntime as ort
-
   if "CUDAExecutionProvider" not in ort.get_available_providers():
     assert all("onnxruntime-gpu" in r["skipped"] for r in gpu_rows if r["runtime"] == "ort_cuda")
 
@@ -115,14 +114,12 @@ def test_bench_rejects_an_unknown_runtime(exported, tmp_path):
   assert res.exit_code == 1 and "unknown runtimes ['tpu']" in res.stderr
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
+                    reason="this machine's onnxruntime has CUDA: there is no CPU fallback to provoke")
 def test_onnx_runner_refuses_a_silent_cpu_fallback(exported):
-  import onnxruntime as ort
-
   from covidct.errors import CovidctError
   from covidct.runners import OnnxRunner
 
-  if "CUDAExecutionProvider" in ort.get_available_providers():
-    pytest.skip("this machine has CUDA: no fallback to provoke")
   with pytest.raises(CovidctError, match="could not start CUDAExecutionProvider"):
     OnnxRunner(exported / "model_float32.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
