@@ -119,6 +119,9 @@ def _positive(ctx, param, value):
 @click.option("--noise", type=float, default=None,
               help="Std of Gaussian pixel noise, in grey levels, added to the augmented training images (needs "
                    "augmentation).")
+@click.option("--resolution", type=float, default=None,
+              help="Simulate low-resolution sources: scale each augmented training image down to a random fraction "
+                   "of its size, between this and 1, and back up (needs augmentation; 0 turns it off).")
 @click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
 @click.option("--label-smoothing", type=float, default=None)
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
@@ -128,8 +131,8 @@ def _positive(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
-              mixed_precision, augment_on, augment, noise, head_epochs, label_smoothing, weights_dir, data_dir, overwrite,
-              quiet):
+              mixed_precision, augment_on, augment, noise, resolution, head_epochs, label_smoothing, weights_dir, data_dir,
+              overwrite, quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -151,12 +154,20 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
                 weights_dir=weights_dir, data_dir=data_dir)
   if augment is not None:
     cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)
+  extra = {}
   if noise is not None:
     if noise < 0:
       raise CovidctError(f"--noise must be zero or more grey levels, got {noise}.")
+    extra["noise"] = noise
+  if resolution is not None:
+    if not 0 <= resolution < 1:
+      raise CovidctError(f"--resolution must be a fraction from 0 (off) up to, not including, 1; got {resolution}.")
+    extra["resolution"] = resolution
+  if extra:
     if cfg.augment is None:
-      raise CovidctError(f"--noise needs augmentation, and the '{recipe}' recipe has none: add --augment.")
-    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, noise=noise))
+      names = " and ".join(f"--{k}" for k in extra)
+      raise CovidctError(f"{names} needs augmentation, and the '{recipe}' recipe has none: add --augment.")
+    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **extra))
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
   summary = train(cfg, out_dir, overwrite=overwrite, verbose=2 if quiet else 1)
@@ -209,6 +220,23 @@ def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, data_d
   write_report(report, out, overwrite=overwrite, title=title)
   click.echo(markdown(report, title))
   click.echo(f"Report: {out}/report.md")
+
+
+@main.command("ensemble")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_friendly
+def ensemble_cmd(runs, out_dir, overwrite):
+  """Join trained RUNS (same input size) into one model that averages their probabilities.
+
+  The output folder is a training output like any other: evaluate, export, push and bench take it.
+  """
+  from covidct.ensemble import ensemble_runs  # pylint: disable=import-outside-toplevel
+
+  info = ensemble_runs(runs, out_dir, overwrite=overwrite)
+  click.echo(f"ensemble of {info['members']} models ({info['parameters']:,} parameters, input "
+             f"{info['image_size']}x{info['image_size']}) in {out_dir}/saved_model")
 
 
 @main.command("export")

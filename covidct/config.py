@@ -18,6 +18,10 @@ class AugmentConfig:
   shear: float = 0.05
   zoom: float = 0.05
   noise: float = 0.0  # std of Gaussian pixel noise, in grey levels (0-255); not in the article's recipe
+  # Smallest simulated source resolution, as a fraction of the input size: each image is scaled down to one of
+  # RESOLUTION_LEVELS fractions between this and 1 and back up, so sharpness stops telling classes apart
+  # (train COVID images are much smaller than the others; val/test ones are not). 0 (or 1) turns it off.
+  resolution: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

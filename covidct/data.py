@@ -29,10 +29,15 @@ def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
 
   Flip, rotation, shift, shear and zoom are drawn from stateless RNGs keyed by `seed` (int32 [2]) and composed
   into a single matrix per image, so the batch is resampled once (bilinear, black fill) by TensorFlow's
-  ImageProjectiveTransformV3, on whatever device runs it. Same seed, same output. With `cfg.noise`, Gaussian pixel
-  noise of that std (grey levels) is added after the warp, from a stream of its own.
+  ImageProjectiveTransformV3, on whatever device runs it. Same seed, same output. With `cfg.resolution`, each image
+  is first brought to a random lower resolution and back (`degrade_resolution`); with `cfg.noise`, Gaussian pixel
+  noise of that std (grey levels) is added after the warp. Each has a stream of its own, so the warp is the same
+  with or without them.
   """
   images = tf.convert_to_tensor(images, tf.float32)
+  if 0 < cfg.resolution < 1:
+    images = degrade_resolution(images, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int32), 8),
+                                cfg.resolution)
   shape = tf.shape(images)
   b = shape[0]
   h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
@@ -70,6 +75,32 @@ def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
   # Gaussian pixel noise (std in grey levels), from its own stream so the warp is the same with or without it.
   noise_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int32), 7)
   return tf.clip_by_value(warped + tf.random.stateless_normal(shape, noise_seed) * cfg.noise, 0.0, 255.0)
+
+
+RESOLUTION_LEVELS = 5
+
+
+def degrade_resolution(images, seed, lowest: float, levels: int = RESOLUTION_LEVELS) -> tf.Tensor:
+  """Simulate low-resolution sources on a float batch (B, H, W, C): each image is scaled down to one of `levels`
+  evenly spaced fractions of its size from `lowest` to 1 (antialiased bilinear, as `resize_image` does) and back
+  up (bilinear, as `resize_image` upsamples a small upstream image). The fraction is drawn per image from `seed`.
+
+  Every level is computed for the whole batch and each image picks its own, so all shapes are static (it runs in
+  the training step on an accelerator too).
+  """
+  images = tf.convert_to_tensor(images, tf.float32)
+  size = tf.shape(images)[1:3]
+  versions = []
+  for frac in np.linspace(lowest, 1.0, levels):
+    if frac >= 1.0:
+      versions.append(images)
+      continue
+    small_size = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * float(frac)), tf.int32), 1)
+    small = tf.image.resize(images, small_size, method="bilinear", antialias=True)
+    versions.append(tf.image.resize(small, size, method="bilinear"))
+  pick = tf.random.stateless_uniform([tf.shape(images)[0]], seed, 0, levels, dtype=tf.int32)
+  weights = tf.one_hot(pick, levels, dtype=tf.float32)  # (B, levels)
+  return tf.einsum("lbhwc,bl->bhwc", tf.stack(versions), weights)
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):

@@ -97,6 +97,38 @@ def test_augment_batch_noise():
   assert np.abs(b - a)[:, 16:48, 16:48].mean() < 3
 
 
+def test_degrade_resolution():
+  import tensorflow as tf
+
+  from covidct.data import RESOLUTION_LEVELS, augment_batch, degrade_resolution
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (64, 48, 48, 1)).astype(np.float32)  # white noise: all detail is fine detail
+  y = degrade_resolution(x, tf.constant([1, 2]), 0.25).numpy()
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(y, degrade_resolution(x, tf.constant([1, 2]), 0.25).numpy())  # seeded
+  # each image keeps its mean brightness and loses detail to its level: a fifth untouched, the rest smoother
+  np.testing.assert_allclose(y.mean(axis=(1, 2, 3)), x.mean(axis=(1, 2, 3)), atol=3)
+  untouched = np.all(y == x, axis=(1, 2, 3))
+  assert 0 < untouched.sum() < len(x) // 2
+  detail = np.abs(np.diff(y, axis=2)).mean(axis=(1, 2, 3)) / np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))
+  assert np.all(detail[~untouched] < 0.8) and len(np.unique(detail.round(2))) >= RESOLUTION_LEVELS - 1
+  # a flat image stays flat
+  np.testing.assert_allclose(degrade_resolution(np.full((4, 48, 48, 1), 77.0, np.float32), tf.constant([3, 3]), 0.25),
+                             77.0, atol=1e-3)
+  # in augment_batch: off by default, and the warp's random stream is the same with or without it
+  plain = AugmentConfig(horizontal_flip=False, rotation_degrees=0, shift=0, shear=0, zoom=0)
+  np.testing.assert_array_equal(augment_batch(x, tf.constant([1, 2]), plain).numpy(), x)
+  blurred = augment_batch(x, tf.constant([1, 2]), dataclasses.replace(plain, resolution=0.25)).numpy()
+  assert not np.array_equal(blurred, x)
+  sharp = np.zeros((2, 48, 48, 1), np.float32)
+  sharp[:, 16:32, 16:32] = 255
+  warp = AugmentConfig()
+  a = augment_batch(sharp, tf.constant([3, 4]), warp).numpy()
+  b = augment_batch(sharp, tf.constant([3, 4]), dataclasses.replace(warp, resolution=0.5)).numpy()
+  assert np.abs(b.mean(axis=(1, 2, 3)) - a.mean(axis=(1, 2, 3))).max() < 2  # same square, same place
+
+
 def test_augmentation_differs_between_epochs(dummy_data_dir):
   ds = build_inputs("train", data_dir=str(dummy_data_dir), image_size=48, batch_size=6, training=True,
                     augment=AugmentConfig(), seed=2, shuffle_buffer=1)  # no shuffle: same images each epoch

@@ -133,10 +133,11 @@ def test_cli_train_and_evaluate(dummy_data_dir, tmp_path):
   runner = CliRunner()
   out = tmp_path / "run"
   res = runner.invoke(main, ["train", "--out", str(out), "--epochs", "1", "--image-size", "48", "--batch-size", "4",
-                             "--augment", "--noise", "2", "--data-dir", str(dummy_data_dir), "--quiet"])
+                             "--augment", "--noise", "2", "--resolution", "0.5", "--data-dir", str(dummy_data_dir), "--quiet"])
   assert res.exit_code == 0, res.output
   assert "best epoch 1/1" in res.output
-  assert json.loads((out / "config.json").read_text())["augment"]["noise"] == 2.0
+  augment = json.loads((out / "config.json").read_text())["augment"]
+  assert augment["noise"] == 2.0 and augment["resolution"] == 0.5
   res = runner.invoke(main, ["evaluate", str(out), "--data-dir", str(dummy_data_dir), "--bootstrap", "50"])
   assert res.exit_code == 0, res.output
   report = json.loads((out / "evaluation-test" / "report.json").read_text())
@@ -157,6 +158,8 @@ def test_cli_train_and_evaluate(dummy_data_dir, tmp_path):
     (["--model", "resnet"], 1, "unknown model 'resnet'"),
     (["--noise", "3"], 1, "--noise needs augmentation"),
     (["--augment", "--noise", "-1"], 1, "zero or more grey levels"),
+    (["--resolution", "0.5"], 1, "--resolution needs augmentation"),
+    (["--augment", "--resolution", "1.5"], 1, "--resolution must be a fraction"),
 ])
 def test_cli_train_bad_values(tmp_path, args, code, message):
   res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "run")] + args)
