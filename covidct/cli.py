@@ -166,7 +166,8 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
   if extra:
     if cfg.augment is None:
       names = " and ".join(f"--{k}" for k in extra)
-      raise CovidctError(f"{names} needs augmentation, and the '{recipe}' recipe has none: add --augment.")
+      verb = "needs" if len(extra) == 1 else "need"
+      raise CovidctError(f"{names} {verb} augmentation, and the '{recipe}' recipe has none: add --augment.")
     cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **extra))
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
