@@ -99,8 +99,7 @@ def degrade_resolution(images, seed, lowest: float, levels: int = RESOLUTION_LEV
     small = tf.image.resize(images, small_size, method="bilinear", antialias=True)
     versions.append(tf.image.resize(small, size, method="bilinear"))
   pick = tf.random.stateless_uniform([tf.shape(images)[0]], seed, 0, levels, dtype=tf.int32)
-  weights = tf.one_hot(pick, levels, dtype=tf.float32)  # (B, levels)
-  return tf.einsum("lbhwc,bl->bhwc", tf.stack(versions), weights)
+  return tf.gather(tf.stack(versions, axis=1), pick, axis=1, batch_dims=1)  # (B, levels, H, W, C) -> (B, H, W, C)
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):

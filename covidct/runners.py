@@ -166,7 +166,6 @@ class OnnxRunner(Runner):
     if wanted not in self.session.get_providers():  # ONNX Runtime falls back to the CPU silently: refuse that
       raise CovidctError(f"ONNX Runtime could not start {wanted} (session has {self.session.get_providers()}); check "
                          "that onnxruntime-gpu and the CUDA/cuDNN libraries it needs are installed.")
-    self.providers = self.session.get_providers()
     inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
     self.input_name, self.output_name = inp.name, out.name
     self.input_dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(inp.type, np.uint8)
