@@ -33,8 +33,10 @@ def build_ensemble(members: list, name: str = "ensemble"):
 
 
 def load_member(run_dir):
-  """The Keras model of one `covidct train` output folder."""
+  """The Keras model of one `covidct train` (or `covidct qat`) output folder."""
   import keras  # pylint: disable=import-outside-toplevel
+
+  import covidct.quantize  # pylint: disable=import-outside-toplevel,unused-import  # registers its layers
 
   path = pathlib.Path(run_dir) / "model.keras"
   if not path.exists():

@@ -83,6 +83,8 @@ class KerasRunner(Runner):
   def __init__(self, model_or_path):
     import keras  # pylint: disable=import-outside-toplevel
 
+    import covidct.quantize  # pylint: disable=import-outside-toplevel,unused-import  # registers its layers
+
     self.model = keras.saving.load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) \
         else model_or_path
     self.image_size = int(self.model.input_shape[1])

@@ -56,13 +56,12 @@ def plot_history(history: dict, path, best_epoch: int | None = None) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  metrics = [m for m in ("loss", "auc", "binary_accuracy", "recall") if m in history]
+  metrics = [m for m in ("loss", "auc", "binary_accuracy", "recall") if m in history or f"val_{m}" in history]
   fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
   for ax, m in zip(np.atleast_1d(axes), metrics):
-    epochs = np.arange(1, len(history[m]) + 1)
-    ax.plot(epochs, history[m], label="train")
-    if f"val_{m}" in history:
-      ax.plot(epochs, history[f"val_{m}"], label="validation")
+    for key, label in ((m, "train"), (f"val_{m}", "validation")):
+      if key in history:
+        ax.plot(np.arange(1, len(history[key]) + 1), history[key], label=label)
     if best_epoch is not None:
       ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
     ax.set_title(m)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -133,6 +134,9 @@ def export_onnx(saved_model_dir, out_path, opset: int = ONNX_OPSET) -> ExportRes
     last = [l for l in res.stderr.splitlines() if "Error" in l][-1:] or res.stderr.splitlines()[-1:]
     raise ExportError(f"tf2onnx could not convert {saved_model_dir}: {' '.join(last)[:300]}")
   model = onnx.load(str(tmp))
+  quantized = has_qdq(model)
+  if quantized:  # a quantization-aware model: its weights go on their int8 grid too (see weights_to_qdq)
+    weights_to_qdq(model)
   for value in list(model.graph.input) + list(model.graph.output):  # a readable name for the dynamic batch axis
     dim = value.type.tensor_type.shape.dim[0]
     if not dim.HasField("dim_value"):
@@ -143,8 +147,56 @@ def export_onnx(saved_model_dir, out_path, opset: int = ONNX_OPSET) -> ExportRes
     tmp.unlink(missing_ok=True)
     raise ExportError(f"the ONNX model from {saved_model_dir} fails onnx.checker: {str(e).splitlines()[0]}") from e
   onnx.save(model, str(tmp))
-  return _finish("onnx_float32", tmp, final, start, opset=opset,
+  return _finish("onnx_float32", tmp, final, start, opset=opset, quantization_aware=quantized,
                  inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output])
+
+
+def has_qdq(model) -> bool:
+  """Whether an ONNX graph already holds QuantizeLinear nodes (tf2onnx's form of a quantization-aware model's
+  fake-quant ops)."""
+  return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
+def weights_to_qdq(model) -> int:
+  """Stores each Conv/MatMul/Gemm float weight as int8 per output channel (symmetric, max|w| / 127) behind a
+  DequantizeLinear, in place; returns how many. For a quantization-aware model, whose baked weights already lie on
+  that grid, this is exact. Without it, onnxruntime's WeightBiasQuantization pass quantizes the float weights
+  between quantized activations itself, per tensor, which wrecks depthwise convolutions (measured: decisions agreed
+  on 67% of test scans instead of 99%)."""
+  from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
+
+  graph = model.graph
+  inits = {i.name: i for i in graph.initializer}
+  added, done = [], 0
+  for node in graph.node:
+    if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+      continue
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+      axis = 0
+    else:
+      axis = 0 if node.op_type == "Conv" else 1
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    scale = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    name = node.input[1]
+    graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                              numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+                              numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point")])
+    added.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+                                  [f"{name}_dequantized"], axis=axis, name=f"{name}_DequantizeLinear"))
+    node.input[1] = f"{name}_dequantized"
+    done += 1
+  used = {i for n in graph.node for i in n.input} | {i for n in added for i in n.input}
+  keep = [i for i in graph.initializer if i.name in used]
+  del graph.initializer[:]
+  graph.initializer.extend(keep)
+  nodes = added + list(graph.node)
+  del graph.node[:]
+  graph.node.extend(nodes)
+  return done
 
 
 def export_onnx_int8(onnx_float_path, out_path, representative: np.ndarray) -> ExportResult:
@@ -157,7 +209,12 @@ def export_onnx_int8(onnx_float_path, out_path, representative: np.ndarray) -> E
   final = pathlib.Path(out_path)
   tmp = _tmp_for(final)
   pre = final.with_name(f".{final.stem}.pre-{os.getpid()}.onnx")
-  input_name = onnx.load(str(onnx_float_path)).graph.input[0].name
+  float_model = onnx.load(str(onnx_float_path))
+  if has_qdq(float_model):  # quantization-aware: already int8 (QDQ) from its own ranges; quantizing again adds error
+    shutil.copyfile(onnx_float_path, tmp)
+    return _finish("onnx_int8", tmp, final, start, quant_format="QDQ (from quantization-aware training)",
+                   calibration_images=0)
+  input_name = float_model.graph.input[0].name
   reps = np.asarray(representative, np.uint8)
 
   class Reader(q.CalibrationDataReader):

@@ -16,6 +16,7 @@ from covidct.errors import CovidctError
 from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir
 from covidct.models import INPUT_NAME, OUTPUT_NAME
+from covidct.quantize import is_quantization_aware
 from covidct.runners import SavedModelRunner, load_runner
 from covidct.versions import library_versions
 from export.errors import ParityError
@@ -51,6 +52,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   if out.exists() and not overwrite:
     raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
   saved_model = resolve_saved_model(model_dir)
+  quantization_aware = is_quantization_aware(saved_model)
   reference = SavedModelRunner(saved_model)
   size = reference.image_size
   progress(f"reading the validation, test and train splits at {size}x{size}")
@@ -72,12 +74,13 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       results[fmt] = export_format(fmt, tmp / "saved_model", tmp, reps, onnx_float)
     for fmt in formats:
       progress(f"checking parity of {fmt}")
-      parity.append(check_parity(reference, load_runner(results[fmt].path), fmt, arrays["test"], threshold, ref_probs))
+      parity.append(check_parity(reference, load_runner(results[fmt].path), fmt, arrays["test"], threshold, ref_probs,
+                                 quantized_reference=quantization_aware))
     if "onnx_int8" in formats and "onnx_float32" not in formats:
       pathlib.Path(results.pop("onnx_float32").path).unlink()
     # Paths relative to the export folder (the temporary folder's name is gone once it is renamed).
     parity = [dataclasses.replace(r, path=os.path.basename(r.path)) for r in parity]
-    report = write_report(parity, threshold, tmp)
+    report = write_report(parity, threshold, tmp, quantization_aware)
     files = {}
     for p in sorted(tmp.rglob("*")):
       if p.is_file():
@@ -89,6 +92,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
         "input": {"name": INPUT_NAME, "shape": [None, size, size, 1], "dtype": "uint8"},
         "output": {"name": OUTPUT_NAME, "shape": [None, 1], "dtype": "float32", "meaning": "P(COVID)"},
         "preprocessing": PREPROCESSING.replace("SxS", f"{size}x{size}"),
+        "quantization_aware": quantization_aware,
         "operating_threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
                                 "chosen_on": "validation"},
         "metrics": {"saved_model": {"validation": _summary(ref_val), "test": _summary(ref_test)}},
