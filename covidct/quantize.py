@@ -30,6 +30,14 @@ from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir
 
 OUTPUT_STEP = 1.0 / 256.0  # a uint8/int8 probability's step in TFLite (scale 1/256)
+# The input path's ranges are fixed, not calibrated, so that the SavedModel and its int8 copies round the same way:
+# grey level k is k/255 on a [0, 1] grid (exact), 2k/255 on a [0, 2] grid (exact; without this point the TFLite
+# converter gave the intermediate product a [-1, 2] range, where two grey levels share a step), and 2k/255 - 1 on a
+# grid of step 1/128 with 0 on it (calibrated, [-1, 1] gets step 2/255 with its zero point nudged to 128, which puts
+# every grey level exactly halfway between two steps, and TF and TFLite round those ties differently). Before this,
+# 45% of the backbone's input values (then half of every layer's) differed by a step between the SavedModel and its
+# int8 TFLite copy (measured on seed 0).
+INPUT_RANGES = {"rescale": (0.0, 1.0), "times_2": (0.0, 2.0), "to_minus1_1": (-1.0, 127.0 / 128.0)}
 
 
 @keras.saving.register_keras_serializable(package="covidct")
@@ -141,7 +149,8 @@ def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = T
 
   inputs = keras.Input(model.input_shape[1:], name="image")
   x = fq(keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs), "rescale")
-  x = fq(keras.layers.Rescaling(2.0, offset=-1.0, name="to_minus1_1")(x), "to_minus1_1")
+  x = fq(keras.layers.Rescaling(2.0, name="times_2")(x), "times_2")  # 2x - 1 in two stored steps (INPUT_RANGES)
+  x = fq(keras.layers.Rescaling(1.0, offset=-1.0, name="to_minus1_1")(x), "to_minus1_1")
   x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
   backbone = model.get_layer("backbone")
   consumers: dict[int, list] = {}
@@ -227,7 +236,7 @@ def calibrate_ranges(model, images: np.ndarray, batch_size: int = 32, temperatur
     for p, o in zip(points, outs):
       o = np.asarray(o)
       lo[p], hi[p] = min(lo[p], float(o.min())), max(hi[p], float(o.max()))
-  return {p: (lo[p], hi[p]) for p in points}
+  return {p: INPUT_RANGES.get(p, (lo[p], hi[p])) for p in points}
 
 
 def bake(twin):

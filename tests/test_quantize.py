@@ -87,6 +87,19 @@ def test_calibrated_ranges_and_baked_copy(float_model, images):
   assert all(lo <= 0.0 <= hi and hi - lo > 0 for lo, hi in ranges.values())
   assert all(0.0 == ranges[p][0] and ranges[p][1] <= 6.0 for p in ranges if p.endswith("_relu"))
   twin, _ = quantized_twin(float_model, ranges)
+  # The input path is exact where it can be: every grey level k lands on the nearest step of the backbone's input
+  # grid (step 1/128, 0 on it), never on a rounding tie that TF and TFLite would break differently.
+  import keras
+
+  grey = np.arange(256, dtype=np.float32).reshape(1, 16, 16, 1)
+  grey = np.tile(grey, (1, SIZE // 16, SIZE // 16, 1))
+  v = np.asarray(keras.Model(twin.input, twin.get_layer("fq_to_minus1_1").output)(grey))
+  want = 2 * grey / 255 - 1
+  assert ranges["to_minus1_1"] == (-1.0, 127 / 128)
+  np.testing.assert_allclose(v * 128, np.round(v * 128), atol=1e-4)
+  steps = want[want < 127 / 128] * 128
+  assert np.abs(steps - np.floor(steps) - 0.5).min() > 1e-3  # no grey level on a tie (calibrated [-1, 1]: all)
+  np.testing.assert_allclose(v, np.round(np.minimum(want, 127 / 128) * 128) / 128, atol=1e-6)  # nearest step
   baked = bake(twin)
   assert not any(getattr(l, "quantize_weights", False) for l in baked.layers)
   assert sum(isinstance(l, FakeQuant) for l in baked.layers) == len(ranges) + 1  # + the probability
