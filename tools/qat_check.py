@@ -1,5 +1,6 @@
 """An experiment, not part of the package: would quantization-aware training (QAT) make a fine-tuned MobileNetV2's
 full-int8 TFLite copy agree with its float model? (Post-training int8 agrees on ~90% of decisions; see README.)
+Kept as the record of that measurement; `covidct qat` now does quantization-aware training in Keras 3, in the package.
 
 QAT needs tensorflow-model-optimization, which works with Keras 2 (tf_keras) only, outside this project's stack.
 Install both beside the project's environment, then run from the repository root:
