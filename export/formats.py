@@ -171,10 +171,8 @@ def weights_to_qdq(model) -> int:
   for node in graph.node:
     if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
       continue
-    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-      axis = 0
-    else:
-      axis = 0 if node.op_type == "Conv" else 1
+    trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    axis = 0 if node.op_type == "Conv" or trans_b else 1  # the output-channel axis of the weight
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
