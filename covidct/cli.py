@@ -97,6 +97,14 @@ def _positive(ctx, param, value):
   return value
 
 
+def _int_or_name(value):
+  """'12' -> 12, '-1' -> -1 (refused later), 'block_13' -> 'block_13', None -> None."""
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    return value
+
+
 @main.command("train")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
@@ -123,7 +131,11 @@ def _positive(ctx, param, value):
               help="Simulate low-resolution sources: scale each augmented training image down to a random fraction "
                    "of its size, between this and 1, and back up (needs augmentation; 0 turns it off).")
 @click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
+@click.option("--fine-tune-from", default=None, metavar="LAYER",
+              help="Backbones: fine-tune only from this backbone layer up, an index or a name prefix such as "
+                   "block_13 (default: the whole backbone).")
 @click.option("--label-smoothing", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None, help="Decoupled weight decay: each step shrinks the weights by learning rate x this (default: none).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
               help="Backbones: folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
 @_DATA_DIR
@@ -131,8 +143,8 @@ def _positive(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
-              mixed_precision, augment_on, augment, noise, resolution, head_epochs, label_smoothing, weights_dir, data_dir,
-              overwrite, quiet):
+              mixed_precision, augment_on, augment, noise, resolution, head_epochs, fine_tune_from, label_smoothing,
+              weight_decay, weights_dir, data_dir, overwrite, quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -151,7 +163,8 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
   cfg = resolve(recipe, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
                 learning_rate=learning_rate, seed=seed, strategy=strategy, mixed_precision=mixed_precision,
                 augment_on=augment_on, head_epochs=head_epochs, label_smoothing=label_smoothing,
-                weights_dir=weights_dir, data_dir=data_dir)
+                weight_decay=weight_decay, weights_dir=weights_dir, data_dir=data_dir,
+                fine_tune_from=_int_or_name(fine_tune_from))
   if augment is not None:
     cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)
   extra = {}

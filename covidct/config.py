@@ -50,8 +50,11 @@ class TrainConfig:
   dropout: float = 0.2  # before the sigmoid head of a backbone model
   head_epochs: int = 0  # > 0: first train the head on a frozen backbone for this many epochs, then fine-tune
   fine_tune_learning_rate: float = 1e-4
-  fine_tune_from: int = 0  # backbone layers below this index stay frozen while fine-tuning
+  # Backbone layers below this one stay frozen while fine-tuning: a layer index, or a layer name or name prefix
+  # ('block_13' = from the first layer of MobileNetV2's block 13 up). 0 fine-tunes the whole backbone.
+  fine_tune_from: int | str = 0
   label_smoothing: float = 0.0
+  weight_decay: float = 0.0  # decoupled weight decay, per step times the learning rate (Keras's Adam); 0: off
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -70,6 +73,12 @@ class TrainConfig:
       raise CovidctError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     if self.head_epochs < 0 or not self.fine_tune_learning_rate > 0 or not 0 <= self.label_smoothing < 1:
       raise CovidctError("head_epochs must be >= 0, fine_tune_learning_rate > 0 and label_smoothing in [0, 1).")
+    if isinstance(self.fine_tune_from, bool) or not (
+        (isinstance(self.fine_tune_from, int) and self.fine_tune_from >= 0)
+        or (isinstance(self.fine_tune_from, str) and self.fine_tune_from)):
+      raise CovidctError(f"fine_tune_from must be a layer index >= 0 or a layer name, got {self.fine_tune_from!r}.")
+    if not self.weight_decay >= 0:
+      raise CovidctError(f"weight_decay must be zero or more, got {self.weight_decay!r}.")
     if self.monitor not in ("val_auc", "val_loss"):
       raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
 

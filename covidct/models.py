@@ -112,6 +112,24 @@ for _alpha in (0.35, 0.5, 1.0):
   register(f"mobilenet_v2_{_alpha}")(_mobilenet_v2(_alpha))
 
 
+def fine_tune_start(backbone, spec: int | str) -> int:
+  """The index of the first backbone layer to fine-tune: `spec` itself when an index, else the first layer whose
+  name is `spec` or starts with `spec` + '_' (e.g. 'block_13' for MobileNetV2's block 13)."""
+  names = [layer.name for layer in backbone.layers]
+  if isinstance(spec, int):
+    if spec >= len(names):
+      raise CovidctError(f"fine_tune_from {spec} is past the backbone's last layer (it has {len(names)} layers).")
+    return spec
+  for i, name in enumerate(names):
+    if name == spec or name.startswith(spec + "_"):
+      return i
+  blocks = sorted({n.split("_")[0] + "_" + n.split("_")[1] for n in names if n.startswith("block_")},
+                  key=lambda b: int(b.split("_")[1]))
+  hint = f" ({blocks[0]} to {blocks[-1]})" if blocks else ""
+  raise CovidctError(f"no backbone layer is named {spec!r} or starts with '{spec}_'; give a layer index "
+                     f"(0-{len(names) - 1}) or a block name{hint}.")
+
+
 def build_model(cfg):
   """The model named by `cfg.model` for `cfg.image_size`: float32 (size, size, 1) images in [0, 255] -> P(COVID)."""
   import keras  # pylint: disable=import-outside-toplevel

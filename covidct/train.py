@@ -12,7 +12,7 @@ import numpy as np
 from covidct.config import TrainConfig
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir
-from covidct.models import INPUT_NAME, OUTPUT_NAME, build_model
+from covidct.models import INPUT_NAME, OUTPUT_NAME, build_model, fine_tune_start
 
 
 def make_strategy(name: str):
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     def fit(learning_rate, first_epoch, last_epoch, early_stopping: bool):
       with strategy.scope():
         fit_model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
+            optimizer=keras.optimizers.Adam(learning_rate, weight_decay=cfg.weight_decay or None),
             loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc"),
                      keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
@@ -197,14 +197,23 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
         history.setdefault(k, []).extend(float(v) for v in vs)
 
     backbone = next((l for l in model.layers if l.name == "backbone"), None)
+    if backbone is None and cfg.fine_tune_from:
+      raise CovidctError(f"fine_tune_from applies to backbone models (mobilenet_v2_*), not {cfg.model!r}.")
+    frozen_below = fine_tune_start(backbone, cfg.fine_tune_from) if backbone is not None else 0
+
+    def unfreeze():  # the whole backbone but the layers below `fine_tune_from`
+      backbone.trainable = True  # batch norm stays in inference mode (see models.py)
+      for layer in backbone.layers[:frozen_below]:
+        layer.trainable = False
+
     if cfg.head_epochs and backbone is not None:
       backbone.trainable = False  # stage 1: the head alone, on frozen ImageNet features
       fit(cfg.learning_rate, 0, cfg.head_epochs, early_stopping=False)
-      backbone.trainable = True  # stage 2: fine-tune (batch norm stays in inference mode: see models.py)
-      for layer in backbone.layers[:cfg.fine_tune_from]:
-        layer.trainable = False
+      unfreeze()  # stage 2: fine-tune
       fit(cfg.fine_tune_learning_rate, cfg.head_epochs, cfg.head_epochs + cfg.epochs, early_stopping=True)
     else:
+      if backbone is not None:
+        unfreeze()
       fit(cfg.learning_rate, 0, cfg.epochs, early_stopping=True)
     scores = history[cfg.monitor]
     if keep_best.best_weights is None:  # the monitor was never defined (e.g. one class in validation)

@@ -90,3 +90,46 @@ def test_short_fine_tuning_run(dummy_data_dir, tmp_path):
   model = keras.saving.load_model(tmp_path / "run" / "model.keras")
   unchanged = np.array_equal(model.get_layer("backbone").get_layer("Conv1").get_weights()[0], _file_kernel(0.35)[0])
   assert unchanged == (summary["best_epoch"] == 1)
+
+
+def test_fine_tune_start_by_index_and_by_block_name():
+  import keras
+
+  from covidct.models import fine_tune_start
+
+  backbone = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None)
+  assert backbone.layers[fine_tune_start(backbone, "block_13")].name == "block_13_expand"
+  assert backbone.layers[fine_tune_start(backbone, "block_1")].name == "block_1_expand"  # not block_10...
+  assert fine_tune_start(backbone, 100) == 100 and fine_tune_start(backbone, 0) == 0
+  with pytest.raises(CovidctError, match="block_1 to block_16"):
+    fine_tune_start(backbone, "block_99")
+  with pytest.raises(CovidctError, match="has 154 layers"):
+    fine_tune_start(backbone, 154)
+
+
+def test_partial_fine_tuning_freezes_the_layers_below(dummy_data_dir, tmp_path):
+  """Fine-tuning from block 16 with weight decay: the layers below keep the file's weights, block 16 moves."""
+  import keras
+
+  from covidct.train import train
+
+  cfg = resolve("finetune", model="mobilenet_v2_0.35", image_size=96, batch_size=4, head_epochs=0, epochs=1,
+                fine_tune_from="block_16", weight_decay=1e-4, data_dir=str(dummy_data_dir),
+                weights_dir=str(KERAS_WEIGHTS))
+  train(cfg, tmp_path / "run", verbose=0)
+  trained = keras.saving.load_model(tmp_path / "run" / "model.keras").get_layer("backbone")
+  start = build_model(cfg).get_layer("backbone")  # the ImageNet weights, as loaded from the file
+  for name in ("Conv1", "block_15_project", "block_15_project_BN"):
+    for got, want in zip(trained.get_layer(name).get_weights(), start.get_layer(name).get_weights()):
+      np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(trained.get_layer("block_16_project").get_weights()[0],
+                            start.get_layer("block_16_project").get_weights()[0])
+  assert '"fine_tune_from": "block_16"' in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_fine_tune_from_needs_a_backbone(dummy_data_dir, tmp_path):
+  from covidct.train import train
+
+  with pytest.raises(CovidctError, match="applies to backbone models"):
+    train(resolve("default", epochs=1, fine_tune_from="block_13", data_dir=str(dummy_data_dir)), tmp_path / "run")
+  assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
