@@ -54,7 +54,6 @@ class TrainConfig:
   # ('block_13' = from the first layer of MobileNetV2's block 13 up). 0 fine-tunes the whole backbone.
   fine_tune_from: int | str = 0
   label_smoothing: float = 0.0
-  weight_decay: float = 0.0  # decoupled weight decay, per step times the learning rate (Keras's Adam); 0: off
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -77,8 +76,6 @@ class TrainConfig:
         (isinstance(self.fine_tune_from, int) and self.fine_tune_from >= 0)
         or (isinstance(self.fine_tune_from, str) and self.fine_tune_from)):
       raise CovidctError(f"fine_tune_from must be a layer index >= 0 or a layer name, got {self.fine_tune_from!r}.")
-    if not self.weight_decay >= 0:
-      raise CovidctError(f"weight_decay must be zero or more, got {self.weight_decay!r}.")
     if self.monitor not in ("val_auc", "val_loss"):
       raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
 

@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     def fit(learning_rate, first_epoch, last_epoch, early_stopping: bool):
       with strategy.scope():
         fit_model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate, weight_decay=cfg.weight_decay or None),
+            optimizer=keras.optimizers.Adam(learning_rate),
             loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc"),
                      keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],

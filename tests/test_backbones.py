@@ -108,13 +108,13 @@ def test_fine_tune_start_by_index_and_by_block_name():
 
 
 def test_partial_fine_tuning_freezes_the_layers_below(dummy_data_dir, tmp_path):
-  """Fine-tuning from block 16 with weight decay: the layers below keep the file's weights, block 16 moves."""
+  """Fine-tuning from block 16: the layers below keep the file's weights, block 16 moves."""
   import keras
 
   from covidct.train import train
 
   cfg = resolve("finetune", model="mobilenet_v2_0.35", image_size=96, batch_size=4, head_epochs=0, epochs=1,
-                fine_tune_from="block_16", weight_decay=1e-4, data_dir=str(dummy_data_dir),
+                fine_tune_from="block_16", data_dir=str(dummy_data_dir),
                 weights_dir=str(KERAS_WEIGHTS))
   train(cfg, tmp_path / "run", verbose=0)
   trained = keras.saving.load_model(tmp_path / "run" / "model.keras").get_layer("backbone")

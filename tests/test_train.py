@@ -160,7 +160,6 @@ def test_cli_train_and_evaluate(dummy_data_dir, tmp_path):
     (["--augment", "--noise", "-1"], 1, "zero or more grey levels"),
     (["--resolution", "0.5"], 1, "--resolution needs augmentation"),
     (["--augment", "--resolution", "1.5"], 1, "--resolution must be a fraction"),
-    (["--weight-decay", "-0.1"], 1, "weight_decay must be zero or more"),
     (["--fine-tune-from", "-3"], 1, "fine_tune_from must be a layer index >= 0 or a layer name"),
 ])
 def test_cli_train_bad_values(tmp_path, args, code, message):
