@@ -54,6 +54,7 @@ class TrainConfig:
   # ('block_13' = from the first layer of MobileNetV2's block 13 up). 0 fine-tunes the whole backbone.
   fine_tune_from: int | str = 0
   label_smoothing: float = 0.0
+  blur: float = 0.0  # sigma, in pixels at image_size, of a fixed Gaussian low-pass inside the model; 0: none
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -76,6 +77,8 @@ class TrainConfig:
         (isinstance(self.fine_tune_from, int) and self.fine_tune_from >= 0)
         or (isinstance(self.fine_tune_from, str) and self.fine_tune_from)):
       raise CovidctError(f"fine_tune_from must be a layer index >= 0 or a layer name, got {self.fine_tune_from!r}.")
+    if not 0 <= self.blur <= 8:
+      raise CovidctError(f"blur must be a Gaussian sigma from 0 (off) to 8 pixels, got {self.blur!r}.")
     if self.monitor not in ("val_auc", "val_loss"):
       raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
 

@@ -130,6 +130,16 @@ def fine_tune_start(backbone, spec: int | str) -> int:
                      f"(0-{len(names) - 1}) or a block name{hint}.")
 
 
+def gaussian_kernel(sigma: float):
+  """A normalised 2-D Gaussian, (k, k, 1, 1) for a DepthwiseConv2D, k = 2 * ceil(3 sigma) + 1."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  half = int(np.ceil(3 * sigma))
+  g = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+  k = np.outer(g, g)
+  return (k / k.sum()).astype("float32")[:, :, None, None]
+
+
 def build_model(cfg):
   """The model named by `cfg.model` for `cfg.image_size`: float32 (size, size, 1) images in [0, 255] -> P(COVID)."""
   import keras  # pylint: disable=import-outside-toplevel
@@ -138,6 +148,13 @@ def build_model(cfg):
     raise CovidctError(f"unknown model {cfg.model!r}; choose one of {', '.join(sorted(MODELS))}.")
   inputs = keras.Input(shape=(cfg.image_size, cfg.image_size, 1), dtype="float32", name=INPUT_NAME)
   x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+  if getattr(cfg, "blur", 0):
+    # A fixed Gaussian low-pass on every image, in training and in every exported copy: equal sharpness for
+    # every source (train COVID images are smaller, so blurrier once resized, than the rest).
+    kernel = gaussian_kernel(cfg.blur)
+    blur = keras.layers.DepthwiseConv2D(kernel.shape[0], padding="same", use_bias=False, trainable=False, name="blur")
+    x = blur(x)
+    blur.set_weights([kernel])
   x = MODELS[cfg.model](x, keras, cfg)
   outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_NAME)(x)
   return keras.Model(inputs, outputs, name=cfg.model)

@@ -28,6 +28,7 @@ import numpy as np
 
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir
+from covidct.models import INPUT_NAME, OUTPUT_NAME
 
 OUTPUT_STEP = 1.0 / 256.0  # a uint8/int8 probability's step in TFLite (scale 1/256)
 # The input path's ranges are fixed, not calibrated, so that the SavedModel and its int8 copies round the same way:
@@ -134,6 +135,12 @@ def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = T
   if not is_mobilenet_run(model):
     raise CovidctError(f"quantization-aware training supports the MobileNetV2 models (mobilenet_v2_*); "
                        f"{model.name!r} is not one.")
+  expected = {INPUT_NAME, "rescale", "to_minus1_1", "gray_to_rgb", "backbone", "head_dropout", OUTPUT_NAME}
+  extra = sorted(l.name for l in model.layers
+                 if l.name not in expected and not isinstance(l, keras.layers.GlobalAveragePooling2D))
+  if extra:  # the twin rebuilds this exact layout: a layer it does not know would silently go missing
+    raise CovidctError(f"quantization-aware training rebuilds the plain MobileNetV2 layout; this model also has "
+                       f"{', '.join(extra)} (e.g. a --blur run), which it cannot rebuild yet.")
   ranges = ranges or {}
   points: list[str] = []
   folded: dict[str, tuple] = {}

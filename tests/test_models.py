@@ -46,7 +46,8 @@ def test_registry_takes_new_models():
 
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("image_size", 0), ("image_size", 8),
-                                         ("learning_rate", 0.0), ("strategy", "tpu")])
+                                         ("learning_rate", 0.0), ("strategy", "tpu"), ("blur", -1.0),
+                                         ("blur", 20.0)])
 def test_nonsense_config(field, value):
   with pytest.raises(CovidctError, match=field if field != "strategy" else "unknown strategy"):
     resolve(**{field: value})
@@ -61,3 +62,26 @@ def test_article_recipe_is_the_articles():
   cfg = resolve("article")
   assert (cfg.learning_rate, cfg.batch_size, cfg.monitor, cfg.patience, cfg.model) == (0.01, 64, "val_loss", 7, "final")
   assert cfg.augment.rotation_degrees == 5 and cfg.augment.shift == cfg.augment.shear == cfg.augment.zoom == 0.05
+
+
+def test_blur_is_a_fixed_gaussian_inside_the_model(tmp_path):
+  """`blur`: a non-trainable Gaussian right after the rescaling, so every exported copy carries it."""
+  import keras
+
+  from covidct.models import gaussian_kernel
+
+  assert "blur" not in [l.name for l in build_model(resolve(model="final", image_size=64)).layers]
+  model = build_model(resolve(model="final", image_size=64, blur=1.5))
+  assert [l.name for l in model.layers][1:3] == ["rescale", "blur"]
+  layer = model.get_layer("blur")
+  assert not layer.trainable_weights and len(layer.non_trainable_weights) == 1
+  kernel = gaussian_kernel(1.5)[:, :, 0, 0]
+  assert kernel.shape == (11, 11) and abs(kernel.sum() - 1) < 1e-6
+  impulse = np.zeros((1, 64, 64, 1), np.float32)
+  impulse[0, 32, 32, 0] = 255.0  # white dot -> the kernel itself, centred on it
+  out = keras.Model(model.input, layer.output)(impulse).numpy()[0, :, :, 0]
+  np.testing.assert_allclose(out[27:38, 27:38], kernel, atol=1e-6)
+  assert abs(out.sum() - 1.0) < 1e-5
+  model.save(tmp_path / "m.keras")
+  again = keras.saving.load_model(tmp_path / "m.keras")
+  np.testing.assert_array_equal(again.get_layer("blur").get_weights()[0], layer.get_weights()[0])

@@ -182,6 +182,15 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
   assert ops.count("QuantizeLinear") > 50  # the activation ranges, from the fake-quant ops
 
 
+def test_twin_refuses_a_layout_it_cannot_rebuild():
+  from covidct.errors import CovidctError
+  from covidct.quantize import quantized_twin
+
+  model = build_model(resolve(model="mobilenet_v2_0.35", image_size=SIZE, weights="none", blur=1.0))
+  with pytest.raises(CovidctError, match="also has blur"):
+    quantized_twin(model)
+
+
 def test_qat_refuses_what_it_cannot_do(model_dir, finetuned, dummy_data_dir, tmp_path):
   runner = CliRunner()
   res = runner.invoke(main, ["qat", str(model_dir), "--out", str(tmp_path / "q"), "--data-dir", str(dummy_data_dir)])
