@@ -329,7 +329,8 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
                    loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
                    metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc")])
       hist = twin.fit(train_ds, epochs=epochs, callbacks=[validation, keep_best],
-                      class_weight=_class_weight(data_dir, cfg.class_weight), verbose=verbose)
+                      class_weight=_class_weight(data_dir, cfg.class_weight), verbose=verbose,
+                      shuffle=False)  # the tf.data pipeline shuffles, seeded
       for k, vs in hist.history.items():
         history.setdefault(k, [float("nan")]).extend(float(v) for v in vs)
     best = keep_best.best_epoch + 1 if keep_best.best_epoch is not None else 0  # 0: calibration only

@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
         callbacks.insert(2, keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
                                                           patience=cfg.patience or cfg.epochs, verbose=min(verbose, 1)))
       hist = fit_model.fit(train_ds, initial_epoch=first_epoch, epochs=last_epoch, callbacks=callbacks,
-                           class_weight=class_weight, verbose=verbose)
+                           class_weight=class_weight, verbose=verbose, shuffle=False)  # tf.data shuffles, seeded
       for k, vs in hist.history.items():
         history.setdefault(k, []).extend(float(v) for v in vs)
 
