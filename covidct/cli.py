@@ -137,6 +137,9 @@ def _int_or_name(value):
 @click.option("--label-smoothing", type=float, default=None)
 @click.option("--blur", type=float, default=None, metavar="SIGMA",
               help="A fixed Gaussian low-pass (sigma in pixels) inside the model, so every source is equally sharp.")
+@click.option("--mixup", type=float, default=None, metavar="ALPHA",
+              help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
+                   "weight (0.2-0.4 is usual; 0 turns it off).")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
               help="Backbones: folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
 @_DATA_DIR
@@ -145,7 +148,7 @@ def _int_or_name(value):
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
               mixed_precision, augment_on, augment, noise, resolution, head_epochs, fine_tune_from, label_smoothing,
-              blur, weights_dir, data_dir, overwrite, quiet):
+              blur, mixup, weights_dir, data_dir, overwrite, quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -164,7 +167,7 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
   cfg = resolve(recipe, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
                 learning_rate=learning_rate, seed=seed, strategy=strategy, mixed_precision=mixed_precision,
                 augment_on=augment_on, head_epochs=head_epochs, label_smoothing=label_smoothing,
-                blur=blur, weights_dir=weights_dir, data_dir=data_dir,
+                blur=blur, mixup=mixup, weights_dir=weights_dir, data_dir=data_dir,
                 fine_tune_from=_int_or_name(fine_tune_from))
   if augment is not None:
     cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)

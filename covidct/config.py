@@ -55,6 +55,9 @@ class TrainConfig:
   fine_tune_from: int | str = 0
   label_smoothing: float = 0.0
   blur: float = 0.0  # sigma, in pixels at image_size, of a fixed Gaussian low-pass inside the model; 0: none
+  # mixup's alpha: training batches mixed pairwise, lam ~ Beta(alpha, alpha); labels become soft and the class
+  # weight follows the rounded label. 0: off. In the tf.data pipeline, whatever `augment_on` says.
+  mixup: float = 0.0
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -79,6 +82,8 @@ class TrainConfig:
       raise CovidctError(f"fine_tune_from must be a layer index >= 0 or a layer name, got {self.fine_tune_from!r}.")
     if not 0 <= self.blur <= 8:
       raise CovidctError(f"blur must be a Gaussian sigma from 0 (off) to 8 pixels, got {self.blur!r}.")
+    if not 0 <= self.mixup <= 10:
+      raise CovidctError(f"mixup must be a Beta alpha from 0 (off) to 10, got {self.mixup!r}.")
     if self.monitor not in ("val_auc", "val_loss"):
       raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
 

@@ -102,6 +102,21 @@ def degrade_resolution(images, seed, lowest: float, levels: int = RESOLUTION_LEV
   return tf.gather(tf.stack(versions, axis=1), pick, axis=1, batch_dims=1)  # (B, levels, H, W, C) -> (B, H, W, C)
 
 
+def mixup_batch(images, labels, seed, alpha: float):
+  """mixup (Zhang et al., 2018) on a float batch: each image and label becomes lam * itself + (1 - lam) * those of
+  another image of the batch, lam ~ Beta(alpha, alpha) per image, partner and lam drawn from `seed` (shape [2])."""
+  images = tf.convert_to_tensor(images, tf.float32)
+  labels = tf.convert_to_tensor(labels, tf.float32)
+  seed = tf.cast(seed, tf.int32)
+  b = tf.shape(images)[0]
+  g1, g2 = (tf.random.stateless_gamma([b], tf.random.experimental.stateless_fold_in(seed, i), alpha) for i in (1, 2))
+  lam = tf.math.divide_no_nan(g1, g1 + g2)  # Beta(alpha, alpha); both draws underflowing to 0 -> the partner
+  partner = tf.argsort(tf.random.stateless_uniform([b], tf.random.experimental.stateless_fold_in(seed, 3)))
+  lam_x = tf.reshape(lam, [-1, 1, 1, 1])
+  mixed = lam_x * images + (1.0 - lam_x) * tf.gather(images, partner)
+  return mixed, lam * labels + (1.0 - lam) * tf.gather(labels, partner)
+
+
 def build_augmenter(cfg: AugmentConfig, seed: int):
   """`augment_batch` as a Keras layer (active only in training), to run inside the training step on the
   accelerator: it draws a fresh seed pair per batch from a seeded Keras SeedGenerator."""
@@ -142,12 +157,14 @@ def load_split(split: str, data_dir: str | None, image_size: int, with_meta: boo
 
 def build_inputs(split: str, *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
                  training: bool = False, augment: AugmentConfig | None = None, seed: int = 0,
-                 shuffle_buffer: int = 1024, cache: bool = True, drop_remainder: bool = False) -> tf.data.Dataset:
+                 shuffle_buffer: int = 1024, cache: bool = True, drop_remainder: bool = False,
+                 mixup: float = 0.0) -> tf.data.Dataset:
   """Batches of (float32 images in [0, 255], float32 labels) for Keras.
 
   Decode and resize run in parallel and are cached; training shuffles (seeded) and, with `augment`, applies the
   augmentation to whole batches. Evaluation splits are never augmented nor shuffled. `drop_remainder` keeps every
-  batch full (what a multi-replica strategy needs for training).
+  batch full (what a multi-replica strategy needs for training). `mixup` > 0 mixes each training batch after its
+  augmentation (`mixup_batch`, alpha = `mixup`): its labels become soft.
   """
   ds = load_split(split, data_dir, image_size)
   if cache:
@@ -156,13 +173,21 @@ def build_inputs(split: str, *, data_dir: str | None = None, image_size: int = 2
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=AUTOTUNE)
-  if training and augment is not None:
+  if training and (augment is not None or mixup):
     # Each batch carries its own seed pair from a seeded random stream (new values every epoch), so the batches
     # can be augmented in parallel and still come out the same for the same seed.
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds)).map(
-        lambda xy, s: (augment_batch(xy[0], tf.cast(s % (2**31 - 1), tf.int32), augment), xy[1]),
-        num_parallel_calls=AUTOTUNE)
+
+    def step(xy, s):
+      x, y = xy
+      s = tf.cast(s % (2**31 - 1), tf.int32)
+      if augment is not None:
+        x = augment_batch(x, s, augment)
+      if mixup:
+        x, y = mixup_batch(x, y, tf.random.experimental.stateless_fold_in(s, 11), mixup)
+      return x, y
+
+    ds = tf.data.Dataset.zip((ds, seeds)).map(step, num_parallel_calls=AUTOTUNE)
   return ds.prefetch(AUTOTUNE)
 
 

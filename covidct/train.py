@@ -161,14 +161,19 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     if cfg.mixed_precision:
       keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = make_strategy(cfg.strategy)
+    with strategy.scope():
+      model = build_model(cfg)
+    backbone = next((l for l in model.layers if l.name == "backbone"), None)
+    if backbone is None and cfg.fine_tune_from:  # refused before any data is read
+      raise CovidctError(f"fine_tune_from applies to backbone models (mobilenet_v2_*), not {cfg.model!r}.")
+    frozen_below = fine_tune_start(backbone, cfg.fine_tune_from) if backbone is not None else 0
     batch = cfg.batch_size * strategy.num_replicas_in_sync
     train_ds = build_inputs("train", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
                             training=True, augment=cfg.augment if augment_on == "pipeline" else None,
                             seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                            drop_remainder=strategy.num_replicas_in_sync > 1)
+                            drop_remainder=strategy.num_replicas_in_sync > 1, mixup=cfg.mixup)
     val_ds = build_inputs("validation", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch)
     with strategy.scope():
-      model = build_model(cfg)
       fit_model = model
       if augment_on == "model" and cfg.augment is not None:
         # Augmentation in the training step (on the accelerator), in a wrapper: `model` itself never holds it.
@@ -195,11 +200,6 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
                            class_weight=class_weight, verbose=verbose, shuffle=False)  # tf.data shuffles, seeded
       for k, vs in hist.history.items():
         history.setdefault(k, []).extend(float(v) for v in vs)
-
-    backbone = next((l for l in model.layers if l.name == "backbone"), None)
-    if backbone is None and cfg.fine_tune_from:
-      raise CovidctError(f"fine_tune_from applies to backbone models (mobilenet_v2_*), not {cfg.model!r}.")
-    frozen_below = fine_tune_start(backbone, cfg.fine_tune_from) if backbone is not None else 0
 
     def unfreeze():  # the whole backbone but the layers below `fine_tune_from`
       backbone.trainable = True  # batch norm stays in inference mode (see models.py)

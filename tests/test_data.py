@@ -134,3 +134,44 @@ def test_augmentation_differs_between_epochs(dummy_data_dir):
                     augment=AugmentConfig(), seed=2, shuffle_buffer=1)  # no shuffle: same images each epoch
   first, second = [x.numpy() for x, _ in ds], [x.numpy() for x, _ in ds]
   assert not np.array_equal(first[0], second[0])
+
+
+def test_mixup_batch():
+  import tensorflow as tf
+
+  from covidct.data import mixup_batch
+
+  # Constant images equal to their labels: a mixed image must equal its mixed label everywhere.
+  n = 512
+  values = np.linspace(0, 1, n, dtype=np.float32)
+  x = np.broadcast_to(values[:, None, None, None], (n, 4, 4, 1)).copy()
+  mx, my = (t.numpy() for t in mixup_batch(x, values, tf.constant([1, 2]), 0.4))
+  np.testing.assert_allclose(mx, np.broadcast_to(my[:, None, None, None], mx.shape), atol=1e-6)
+  assert not np.allclose(my, values)  # mixed
+  assert abs(my.mean() - values.mean()) < 0.02  # partners are a permutation: the mean label stays
+  assert my.min() >= 0 and my.max() <= 1
+  again = mixup_batch(x, values, tf.constant([1, 2]), 0.4)[1].numpy()
+  np.testing.assert_array_equal(my, again)  # seeded
+  assert not np.array_equal(my, mixup_batch(x, values, tf.constant([1, 3]), 0.4)[1].numpy())
+
+  # 0/1 labels: alpha sets how far they are mixed (Beta(0.2, 0.2) mostly near 0 or 1, Beta(4, 4) near 0.5).
+  y = (np.arange(4096) % 2).astype(np.float32)
+  images = np.zeros((4096, 2, 2, 1), np.float32)
+
+  def middle(alpha):
+    m = mixup_batch(images, y, tf.constant([5, 6]), alpha)[1].numpy()
+    return np.mean((m > 0.1) & (m < 0.9))
+
+  assert middle(0.2) < 0.25 and middle(4.0) > 0.4
+
+
+def test_mixup_in_the_training_pipeline_only(dummy_data_dir):
+  kw = dict(data_dir=str(dummy_data_dir), image_size=48, batch_size=6, seed=5)
+  plain = _all(build_inputs("train", training=True, augment=AugmentConfig(), **kw))
+  mixed = _all(build_inputs("train", training=True, augment=AugmentConfig(), mixup=0.4, **kw))
+  assert not set(np.unique(mixed[1])) <= {0.0, 1.0}  # soft labels
+  assert mixed[0].min() >= 0 and mixed[0].max() <= 255 and not np.array_equal(plain[0], mixed[0])
+  # mixup without augmentation runs too, and evaluation splits are never mixed
+  assert not set(np.unique(_all(build_inputs("train", training=True, mixup=0.4, **kw))[1])) <= {0.0, 1.0}
+  ev = _all(build_inputs("validation", training=False, mixup=0.4, **kw))
+  np.testing.assert_array_equal(ev[1], split_arrays("validation", str(dummy_data_dir), 48)["labels"])

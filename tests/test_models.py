@@ -47,7 +47,7 @@ def test_registry_takes_new_models():
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("image_size", 0), ("image_size", 8),
                                          ("learning_rate", 0.0), ("strategy", "tpu"), ("blur", -1.0),
-                                         ("blur", 20.0)])
+                                         ("blur", 20.0), ("mixup", -0.2), ("mixup", 50.0)])
 def test_nonsense_config(field, value):
   with pytest.raises(CovidctError, match=field if field != "strategy" else "unknown strategy"):
     resolve(**{field: value})
