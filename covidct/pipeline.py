@@ -25,9 +25,12 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   if out.exists():
     raise CovidctError(f"output folder {out} exists; choose another --out.")
   start, times = time.time(), {}
+  last = [start]
 
-  def step(name):
-    times[name] = round(time.time() - start - sum(times.values()), 1)
+  def step(name):  # seconds since the previous step ended
+    now = time.time()
+    times[name] = round(now - last[0], 1)
+    last[0] = now
 
   echo("1/6 dataset")
   builder = dataset.build(manual_dir=manual_dir, data_dir=data_dir)

@@ -156,6 +156,11 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
   for path in ("model/saved_model/saved_model.pb", "model/evaluation-test/roc.png", "export/manifest.json",
                "export/parity.md", "serving/1/MODEL_CARD.md", "bench/bench.md"):
     assert (job / path).exists(), path
+  times = dict(part.split() for part in report.split("## Wall time (s)")[1].strip().splitlines()[0].split(" | "))
+  steps = [float(v) for k, v in times.items() if k != "total"]
+  assert list(times) == ["dataset", "train", "evaluate", "export", "push", "bench", "total"]
+  assert not any(v.startswith("-") for v in times.values())  # each step its own time, never "-0.0"
+  assert abs(sum(steps) - float(times["total"])) < 0.5
 
 
 def test_ensemble_and_flip_tta(model_dir, exported, dummy_data_dir, tmp_path):
