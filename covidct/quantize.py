@@ -128,19 +128,24 @@ def is_mobilenet_run(model) -> bool:
   return {"backbone", "rescale", "to_minus1_1", "covid_probability"} <= names
 
 
-def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = True, temperature: float = 1.0):
-  """The quantized twin of a trained MobileNetV2 classifier (covidct.models' layout); `ranges` maps each fake-quant
-  point to (lo, hi), and a point missing from it is left unquantized (identity); the logit is divided by
-  `temperature`. Returns (twin, point names)."""
+def check_twin_layout(model, what: str = "this model") -> None:
+  """Raises unless `model` has the plain MobileNetV2 classifier layout that `quantized_twin` rebuilds."""
   if not is_mobilenet_run(model):
-    raise CovidctError(f"quantization-aware training supports the MobileNetV2 models (mobilenet_v2_*); "
-                       f"{model.name!r} is not one.")
+    raise CovidctError(f"{what} is {model.name!r}; quantization-aware training supports the MobileNetV2 models "
+                       "(mobilenet_v2_*: train one with --recipe finetune).")
   expected = {INPUT_NAME, "rescale", "to_minus1_1", "gray_to_rgb", "backbone", "head_dropout", OUTPUT_NAME}
   extra = sorted(l.name for l in model.layers
                  if l.name not in expected and not isinstance(l, keras.layers.GlobalAveragePooling2D))
   if extra:  # the twin rebuilds this exact layout: a layer it does not know would silently go missing
-    raise CovidctError(f"quantization-aware training rebuilds the plain MobileNetV2 layout; this model also has "
+    raise CovidctError(f"quantization-aware training rebuilds the plain MobileNetV2 layout; {what} also has "
                        f"{', '.join(extra)} (e.g. a --blur run), which it cannot rebuild yet.")
+
+
+def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = True, temperature: float = 1.0):
+  """The quantized twin of a trained MobileNetV2 classifier (covidct.models' layout); `ranges` maps each fake-quant
+  point to (lo, hi), and a point missing from it is left unquantized (identity); the logit is divided by
+  `temperature`. Returns (twin, point names)."""
+  check_twin_layout(model)
   ranges = ranges or {}
   points: list[str] = []
   folded: dict[str, tuple] = {}
@@ -298,9 +303,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
   if source_cfg.get("quantization_aware"):
     raise CovidctError(f"{run} is already quantization-aware; pass the float run it came from.")
   model = load_member(run)
-  if not is_mobilenet_run(model):
-    raise CovidctError(f"{run} holds model {model.name!r}; quantization-aware training supports the MobileNetV2 "
-                       "models (train one with --recipe finetune).")
+  check_twin_layout(model, f"the model in {run}")  # before any data is read or anything written
   cfg = TrainConfig.from_dict({k: v for k, v in source_cfg.items() if k in TrainConfig.__dataclass_fields__}) \
       if source_cfg.get("recipe") else TrainConfig(model=model.name, image_size=int(model.input_shape[1]))
   size = int(model.input_shape[1])

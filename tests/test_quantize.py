@@ -182,13 +182,20 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
   assert ops.count("QuantizeLinear") > 50  # the activation ranges, from the fake-quant ops
 
 
-def test_twin_refuses_a_layout_it_cannot_rebuild():
+def test_twin_refuses_a_layout_it_cannot_rebuild(tmp_path):
   from covidct.errors import CovidctError
   from covidct.quantize import quantized_twin
 
   model = build_model(resolve(model="mobilenet_v2_0.35", image_size=SIZE, weights="none", blur=1.0))
   with pytest.raises(CovidctError, match="also has blur"):
     quantized_twin(model)
+  # `covidct qat` refuses it before reading any data (here there is none) or writing anything
+  (tmp_path / "run").mkdir()
+  model.save(tmp_path / "run" / "model.keras")
+  res = CliRunner().invoke(main, ["qat", str(tmp_path / "run"), "--out", str(tmp_path / "q"), "--data-dir",
+                                  str(tmp_path / "no-data")])
+  assert res.exit_code == 1 and "also has blur" in res.output and "Traceback" not in res.output
+  assert not (tmp_path / "q").exists()
 
 
 def test_qat_refuses_what_it_cannot_do(model_dir, finetuned, dummy_data_dir, tmp_path):
