@@ -257,6 +257,32 @@ def ensemble_cmd(runs, out_dir, overwrite):
              f"{info['image_size']}x{info['image_size']}) in {out_dir}/saved_model")
 
 
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write compare.md, compare.json and validation_vs_test.png to this folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_friendly
+def compare_cmd(runs, out_dir, overwrite):
+  """Compare training RUNS: what each changed from its recipe, its validation ROC AUC and, once `covidct evaluate`
+  has scored it, its test metrics. Runs that differ only in their seed share a row, with their mean."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from covidct.compare import compare, plot_validation_vs_test, to_markdown  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import atomic_dir  # pylint: disable=import-outside-toplevel
+
+  result = compare(runs)
+  text = to_markdown(result)
+  click.echo(text, nl=False)
+  if out_dir:
+    with atomic_dir(pathlib.Path(out_dir), overwrite) as tmp:
+      (tmp / "compare.md").write_text(text)
+      (tmp / "compare.json").write_text(json.dumps(result, indent=2))
+      plotted = plot_validation_vs_test(result, tmp / "validation_vs_test.png")
+    click.echo(f"Written to {out_dir}/ (compare.md, compare.json"
+               + (", validation_vs_test.png)" if plotted else "; no run has a test evaluation to plot)"))
+
+
 @main.command("qat")
 @click.argument("run", type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")

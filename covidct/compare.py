@@ -1,0 +1,175 @@
+"""Comparing training runs: what each changed from its recipe, its validation score and (once evaluated) its test
+score, one row a run and one row per group of runs that differ only in their seed (mean over the seeds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+
+from covidct.errors import CovidctError
+
+# Fields that say where things are, not what was trained: never shown as an option.
+_NOT_OPTIONS = {"seed", "data_dir", "weights_dir", "recipe", "model", "image_size"}
+
+COLUMNS = [  # (key, heading)
+    ("val_auc", "validation ROC AUC"), ("test_auc", "test ROC AUC"), ("test_accuracy", "test accuracy at 0.5"),
+    ("test_sensitivity", "test sensitivity at 0.5"), ("test_sensitivity_thr", "test sensitivity at threshold"),
+    ("test_specificity_thr", "test specificity at threshold"), ("minutes", "training minutes"),
+]
+
+
+def options_of(config: dict) -> str:
+  """The config fields that differ from the run's recipe, as `field=value` (augmentation fields flattened)."""
+  from covidct.config import RECIPES, AugmentConfig, TrainConfig  # pylint: disable=import-outside-toplevel
+
+  recipe = config.get("recipe")
+  if recipe not in RECIPES:
+    return f"recipe {recipe}" if recipe else "-"
+  known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
+  base = dataclasses.asdict(RECIPES[recipe])
+  changed = []
+  for key in sorted(known):
+    if key in _NOT_OPTIONS or known[key] == base.get(key):
+      continue
+    value, default = known[key], base.get(key)
+    if key == "augment":  # the one nested config: on/off, then the fields that differ
+      if value is None:
+        changed.append("augment=off")
+        continue
+      if default is None:
+        changed.append("augment=on")
+        default = dataclasses.asdict(AugmentConfig())
+      changed += [f"augment.{k}={v}" for k, v in sorted(value.items()) if default.get(k) != v]
+    else:
+      changed.append(f"{key}={value}")
+  return ", ".join(changed) or "as is"
+
+
+def read_run(run_dir) -> dict:
+  """One run's row: name, recipe, model, size, options, seed, kept epoch and the scores it has. Validation ROC AUC
+  comes from the kept epoch (history.json), else from `covidct evaluate RUN --split validation`; test scores from
+  `covidct evaluate RUN` (RUN/evaluation-test/report.json)."""
+  run = pathlib.Path(run_dir)
+  if not (run / "config.json").exists():
+    raise CovidctError(f"{run} has no config.json; pass folders written by `covidct train`, `qat` or `ensemble`.")
+  try:
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "history.json").read_text())["summary"] if (run / "history.json").exists() else {}
+  except (ValueError, KeyError) as e:
+    raise CovidctError(f"{run}: cannot read its config.json or history.json ({e}); train that run again.") from None
+  reports = {}
+  for split in ("validation", "test"):
+    path = run / f"evaluation-{split}" / "report.json"
+    if path.exists():
+      try:
+        reports[split] = json.loads(path.read_text())
+      except ValueError:
+        raise CovidctError(f"{path} is not valid JSON; run `covidct evaluate` on {run} again.") from None
+  kept = summary.get("best_epoch", summary.get("epoch_kept"))
+  source = config.get("source", {}).get("config", {})  # a `covidct qat` output: the run it came from
+  if "members" in config:
+    options = f"ensemble of {len(config['members'])} runs"
+  elif "quantization_aware" in config:
+    options = f"qat of ({options_of(source)})"
+  else:
+    options = options_of(config)
+  val_auc = summary.get("validation", {}).get("auc")
+  if val_auc is None and "validation" in reports:
+    val_auc = reports["validation"]["roc_auc"]
+  row = {
+      "run": str(run), "recipe": config.get("recipe", "-"), "model": config.get("model", "-"),
+      "image_size": config.get("image_size"), "options": options, "seed": config.get("seed", source.get("seed")),
+      "epoch": f"{kept}/{summary.get('epochs_run', '?')}" if kept is not None else "-",
+      "val_auc": val_auc, "minutes": summary["wall_time_s"] / 60 if "wall_time_s" in summary else None,
+  }
+  if "test" in reports:
+    report = reports["test"]
+    row.update(test_auc=report["roc_auc"], test_accuracy=report["at_0.5"]["accuracy"],
+               test_sensitivity=report["at_0.5"]["sensitivity"],
+               test_sensitivity_thr=report["at_threshold"]["sensitivity"],
+               test_specificity_thr=report["at_threshold"]["specificity"])
+  return row
+
+
+def compare(run_dirs) -> dict:
+  """Rows for `run_dirs` and groups of the runs that differ only in their seed, each with its mean scores."""
+  rows = [read_run(r) for r in run_dirs]
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault((row["recipe"], row["model"], row["image_size"], row["options"]), []).append(row)
+  summary = []
+  for (recipe, model, size, options), members in groups.items():
+    entry = {"recipe": recipe, "model": model, "image_size": size, "options": options,
+             "seeds": [m["seed"] for m in members], "runs": [m["run"] for m in members]}
+    for key, _ in COLUMNS:
+      values = [m[key] for m in members if m.get(key) is not None]
+      entry[key] = float(np.mean(values)) if len(values) == len(members) else None  # no mean of a partial set
+      entry[f"{key}_each"] = [m.get(key) for m in members]
+    summary.append(entry)
+  return {"runs": rows, "groups": summary}
+
+
+def _fmt(value, digits=3):
+  return "-" if value is None else f"{value:.{digits}f}"
+
+
+def to_markdown(result: dict) -> str:
+  """The groups (seeds as 'a / b / c (mean m)'), then every run."""
+  heads = [h for _, h in COLUMNS]
+  lines = ["| recipe | model | size | options | seeds | " + " | ".join(heads) + " |",
+           "| --- | --- | ---: | --- | --- | " + " | ".join("---" for _ in heads) + " |"]
+  for g in result["groups"]:
+    cells = []
+    for key, _ in COLUMNS:
+      digits = 1 if key == "minutes" else 3
+      each = g[f"{key}_each"]
+      if len(each) == 1:
+        cells.append(_fmt(each[0], digits))
+      else:
+        cells.append(" / ".join(_fmt(v, digits) for v in each) + (f" (mean {_fmt(g[key], digits)})"
+                                                                   if g[key] is not None else ""))
+    seeds = ", ".join(str(s) for s in g["seeds"])
+    lines.append(f"| {g['recipe']} | {g['model']} | {g['image_size']} | {g['options']} | {seeds} | "
+                 + " | ".join(cells) + " |")
+  lines += ["", "| run | seed | epoch kept | validation ROC AUC | test ROC AUC |", "| --- | ---: | --- | ---: | ---: |"]
+  for r in result["runs"]:
+    lines.append(f"| {r['run']} | {r['seed']} | {r['epoch']} | {_fmt(r['val_auc'])} | {_fmt(r.get('test_auc'))} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_validation_vs_test(result: dict, path) -> bool:
+  """Each evaluated run as a point (validation ROC AUC, test ROC AUC), a colour per group; False if none is."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(6.4, 5.2))
+  drawn = []
+  for g in result["groups"]:
+    pts = [(v, t) for v, t in zip(g["val_auc_each"], g["test_auc_each"]) if v is not None and t is not None]
+    if not pts:
+      continue
+    xs, ys = zip(*pts)
+    label = f"{g['model']} {g['image_size']}: {g['options']}"
+    ax.scatter(xs, ys, label=label if len(label) < 70 else label[:67] + "...", s=36)
+    drawn += pts
+  if not drawn:
+    plt.close(fig)
+    return False
+  lo = min(min(p) for p in drawn) - 0.02
+  hi = max(max(p) for p in drawn) + 0.02
+  ax.plot([lo, hi], [lo, hi], color="grey", linestyle=":", linewidth=1, label="validation = test")
+  ax.set_xlim(lo, hi)
+  ax.set_ylim(lo, hi)
+  ax.set_xlabel("validation ROC AUC (selects)")
+  ax.set_ylabel("test ROC AUC (reports)")
+  ax.set_title("Runs: validation against test")
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
