@@ -73,7 +73,8 @@ def read_run(run_dir) -> dict:
   if "members" in config:
     options = f"ensemble of {len(config['members'])} runs"
   elif "quantization_aware" in config:
-    options = f"qat of ({options_of(source)})"
+    qat = config["quantization_aware"]
+    options = f"qat epochs={qat.get('epochs')} of ({options_of(source)})"
   else:
     options = options_of(config)
   val_auc = summary.get("validation", {}).get("auc")
@@ -131,12 +132,13 @@ def to_markdown(result: dict) -> str:
       else:
         cells.append(" / ".join(_fmt(v, digits) for v in each) + (f" (mean {_fmt(g[key], digits)})"
                                                                    if g[key] is not None else ""))
-    seeds = ", ".join(str(s) for s in g["seeds"])
+    seeds = ", ".join("-" if s is None else str(s) for s in g["seeds"])
     lines.append(f"| {g['recipe']} | {g['model']} | {g['image_size']} | {g['options']} | {seeds} | "
                  + " | ".join(cells) + " |")
   lines += ["", "| run | seed | epoch kept | validation ROC AUC | test ROC AUC |", "| --- | ---: | --- | ---: | ---: |"]
   for r in result["runs"]:
-    lines.append(f"| {r['run']} | {r['seed']} | {r['epoch']} | {_fmt(r['val_auc'])} | {_fmt(r.get('test_auc'))} |")
+    seed = "-" if r["seed"] is None else r["seed"]
+    lines.append(f"| {r['run']} | {seed} | {r['epoch']} | {_fmt(r['val_auc'])} | {_fmt(r.get('test_auc'))} |")
   return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,8 @@ def test_ensemble_is_the_mean_and_exports(model_dir, second_run, dummy_data_dir,
   assert "ensemble of 2 models" in res.output
   config = json.loads((out / "config.json").read_text())
   assert config["image_size"] == SIZE and [m["config"]["model"] for m in config["members"]] == ["final", "too_simple"]
+  res = CliRunner().invoke(main, ["compare", str(out)])
+  assert res.exit_code == 0 and "| ensemble | 48 | ensemble of 2 runs | - |" in res.output, res.output
 
   images = split_arrays("test", str(dummy_data_dir), SIZE)["images"]
   edge = np.stack([np.zeros((SIZE, SIZE, 1), np.uint8), np.full((SIZE, SIZE, 1), 255, np.uint8)])

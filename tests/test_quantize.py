@@ -149,6 +149,10 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
   config = json.loads((out / "config.json").read_text())
   assert config["quantization_aware"]["epoch_kept"] in (0, 1) and config["quantization_aware"]["temperature"] == 1
   assert config["source"]["config"]["model"] == "mobilenet_v2_0.35"
+  res = CliRunner().invoke(main, ["compare", str(finetuned), str(out)])  # the QAT run beside the run it came from
+  assert res.exit_code == 0, res.output
+  assert "| batch_size=4, epochs=1, head_epochs=1 |" in res.output
+  assert "| qat epochs=1 of (batch_size=4, epochs=1, head_epochs=1) |" in res.output
   assert is_quantization_aware(out / "saved_model") and not is_quantization_aware(finetuned / "saved_model")
   test_images = split_arrays("test", str(dummy_data_dir), SIZE)["images"]
   saved = SavedModelRunner(out / "saved_model")(test_images)
