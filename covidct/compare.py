@@ -110,7 +110,20 @@ def compare(run_dirs) -> dict:
       entry[key] = float(np.mean(values)) if len(values) == len(members) else None  # no mean of a partial set
       entry[f"{key}_each"] = [m.get(key) for m in members]
     summary.append(entry)
-  return {"runs": rows, "groups": summary}
+  return {"runs": rows, "groups": summary, "validation_vs_test": agreement(rows)}
+
+
+def agreement(rows) -> dict | None:
+  """How well validation ROC AUC predicts test ROC AUC over the runs that have both (None for fewer than 3)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+
+  pairs = [(r["val_auc"], r["test_auc"]) for r in rows if r["val_auc"] is not None and r.get("test_auc") is not None]
+  if len(pairs) < 3 or len({v for v, _ in pairs}) < 2 or len({t for _, t in pairs}) < 2:
+    return None
+  val, test = np.array(pairs).T
+  pearson, spearman = stats.pearsonr(val, test), stats.spearmanr(val, test)
+  return {"runs": len(pairs), "pearson": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
+          "spearman": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
 
 
 def _fmt(value, digits=3):
@@ -135,6 +148,10 @@ def to_markdown(result: dict) -> str:
     seeds = ", ".join("-" if s is None else str(s) for s in g["seeds"])
     lines.append(f"| {g['recipe']} | {g['model']} | {g['image_size']} | {g['options']} | {seeds} | "
                  + " | ".join(cells) + " |")
+  fit = result.get("validation_vs_test")
+  if fit:
+    lines += ["", f"Validation against test ROC AUC over {fit['runs']} runs: Pearson {fit['pearson']:+.2f} "
+                  f"(p {fit['pearson_p']:.2f}), Spearman {fit['spearman']:+.2f} (p {fit['spearman_p']:.2f})."]
   lines += ["", "| run | seed | epoch kept | validation ROC AUC | test ROC AUC |", "| --- | ---: | --- | ---: | ---: |"]
   for r in result["runs"]:
     seed = "-" if r["seed"] is None else r["seed"]

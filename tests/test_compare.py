@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from covidct.cli import main
-from covidct.compare import options_of
+from covidct.compare import agreement, options_of
 from covidct.config import resolve
 from covidct.train import train
 
@@ -70,3 +70,11 @@ def test_compare_refuses_what_is_not_a_run(runs, tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   res = CliRunner().invoke(main, ["compare", str(tmp_path)])
   assert res.exit_code == 1 and "cannot read" in res.output and "Traceback" not in res.output
+
+
+def test_agreement_of_validation_and_test():
+  rows = [{"val_auc": v, "test_auc": t} for v, t in ((0.70, 0.90), (0.80, 0.85), (0.90, 0.70), (0.75, None))]
+  fit = agreement(rows)
+  assert fit["runs"] == 3 and fit["spearman"] == pytest.approx(-1.0) and -1 < fit["pearson"] < -0.9
+  assert agreement(rows[:2]) is None  # too few runs to say
+  assert agreement([{"val_auc": 0.8, "test_auc": t} for t in (0.7, 0.8, 0.9)]) is None  # one validation value
