@@ -266,8 +266,6 @@ def ensemble_cmd(runs, out_dir, overwrite):
 def compare_cmd(runs, out_dir, overwrite):
   """Compare training RUNS: what each changed from its recipe, its validation ROC AUC and, once `covidct evaluate`
   has scored it, its test metrics. Runs that differ only in their seed share a row, with their mean."""
-  import pathlib  # pylint: disable=import-outside-toplevel
-
   from covidct.compare import compare, plot_validation_vs_test, to_markdown  # pylint: disable=import-outside-toplevel
   from covidct.fsutil import atomic_dir  # pylint: disable=import-outside-toplevel
 
@@ -275,7 +273,7 @@ def compare_cmd(runs, out_dir, overwrite):
   text = to_markdown(result)
   click.echo(text, nl=False)
   if out_dir:
-    with atomic_dir(pathlib.Path(out_dir), overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
       (tmp / "compare.md").write_text(text)
       (tmp / "compare.json").write_text(json.dumps(result, indent=2))
       plotted = plot_validation_vs_test(result, tmp / "validation_vs_test.png")

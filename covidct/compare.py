@@ -9,6 +9,7 @@ import pathlib
 
 import numpy as np
 
+from covidct.config import RECIPES, AugmentConfig, TrainConfig
 from covidct.errors import CovidctError
 
 # Fields that say where things are, not what was trained: never shown as an option.
@@ -23,8 +24,6 @@ COLUMNS = [  # (key, heading)
 
 def options_of(config: dict) -> str:
   """The config fields that differ from the run's recipe, as `field=value` (augmentation fields flattened)."""
-  from covidct.config import RECIPES, AugmentConfig, TrainConfig  # pylint: disable=import-outside-toplevel
-
   recipe = config.get("recipe")
   if recipe not in RECIPES:
     return f"recipe {recipe}" if recipe else "-"
