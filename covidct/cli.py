@@ -105,6 +105,38 @@ def _int_or_name(value):
     return value
 
 
+@data.command("arrays")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--split", "splits", default="train,validation,test", show_default=True,
+              help="Comma-separated splits; one SPLIT.npz each.")
+@click.option("--image-size", type=int, default=224, show_default=True, callback=_positive)
+@_DATA_DIR
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_friendly
+def data_arrays(out_dir, splits, image_size, data_dir, overwrite):
+  """Write splits as numpy arrays (resized as training resizes them), for machines or frameworks without
+  TensorFlow: SPLIT.npz with images (N, S, S, 1) uint8, labels, patient_ids and filenames."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import atomic_dir  # pylint: disable=import-outside-toplevel
+
+  names = [s.strip() for s in splits.split(",") if s.strip()]
+  bad = [s for s in names if s not in ("train", "validation", "test")]
+  if bad or not names:
+    raise CovidctError(f"--split takes train, validation and/or test, got {splits!r}.")
+  from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
+
+  load_builder(data_dir)  # a clear error before anything is written when the dataset is missing
+  with atomic_dir(out_dir, overwrite) as tmp:
+    for name in names:
+      arrays = split_arrays(name, data_dir, image_size)
+      np.savez_compressed(tmp / f"{name}.npz", **arrays)
+      click.echo(f"{name}: {len(arrays['labels'])} images ({int(arrays['labels'].sum())} COVID), "
+                 f"{image_size}x{image_size}")
+
+
 @main.command("train")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
@@ -140,6 +172,11 @@ def _int_or_name(value):
 @click.option("--mixup", type=float, default=None, metavar="ALPHA",
               help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
                    "weight (0.2-0.4 is usual; 0 turns it off).")
+@click.option("--freeze-batch-norm", is_flag=True, default=None,
+              help="Backbones: keep batch norm in inference mode (ImageNet statistics) while fine-tuning.")
+@click.option("--weights", default=None, metavar="imagenet|none|FILE",
+              help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
+                   "such as the backbone.weights.h5 of `covidct pretrain`.")
 @click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
               help="Backbones: folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
 @_DATA_DIR
@@ -148,7 +185,7 @@ def _int_or_name(value):
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
               mixed_precision, augment_on, augment, noise, resolution, head_epochs, fine_tune_from, label_smoothing,
-              blur, mixup, weights_dir, data_dir, overwrite, quiet):
+              blur, mixup, freeze_batch_norm, weights, weights_dir, data_dir, overwrite, quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -167,10 +204,14 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
   cfg = resolve(recipe, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
                 learning_rate=learning_rate, seed=seed, strategy=strategy, mixed_precision=mixed_precision,
                 augment_on=augment_on, head_epochs=head_epochs, label_smoothing=label_smoothing,
-                blur=blur, mixup=mixup, weights_dir=weights_dir, data_dir=data_dir,
+                blur=blur, mixup=mixup, freeze_batch_norm=freeze_batch_norm, weights_dir=weights_dir, data_dir=data_dir,
                 fine_tune_from=_int_or_name(fine_tune_from))
   if augment is not None:
     cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)
+  if weights is not None:
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+      raise CovidctError(f"--weights {weights}: no such file; give imagenet, none, or a backbone weights file.")
+    cfg = dataclasses.replace(cfg, weights=None if weights == "none" else weights if weights == "imagenet" else os.path.abspath(weights))
   extra = {}
   if noise is not None:
     if noise < 0:
@@ -192,6 +233,70 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
   val = summary["validation"]
   click.echo(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: validation AUC {val.get('auc', float('nan')):.3f}, "
              f"loss {val['loss']:.3f}; {summary['wall_time_s']:.0f} s. Model in {out_dir}/saved_model")
+
+
+@main.command("pretrain")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--model", default="mobilenet_v2_0.5", show_default=True,
+              help="Backbone: mobilenet_v2_0.35, mobilenet_v2_0.5 or mobilenet_v2_1.0.")
+@click.option("--arrays", "arrays_dir", type=click.Path(file_okay=False), default=None,
+              help="Read train.npz (and validation.npz, for the probe) from this folder, as `covidct data arrays` "
+                   "writes them, instead of the TFDS dataset: no TensorFlow needed (e.g. KERAS_BACKEND=jax).")
+@click.option("--epochs", type=int, default=None, callback=_positive)
+@click.option("--batch-size", type=int, default=None, callback=_positive, help="Images per step (two views each).")
+@click.option("--image-size", type=int, default=None, callback=_positive)
+@click.option("--learning-rate", type=float, default=None, callback=_positive)
+@click.option("--temperature", type=float, default=None, callback=_positive, help="Of the contrastive loss.")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="Epochs between backbone checkpoints and linear probes (0: the last epoch only).")
+@click.option("--seed", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None, callback=_positive,
+              help="Stop after the first epoch past this many minutes (checkpointed).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Score each checkpoint by a linear probe (train labels, validation ROC AUC) and keep the best; "
+                   "without it, the last epoch is kept.")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
+@_DATA_DIR
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+@_friendly
+def pretrain_cmd(out_dir, model, arrays_dir, epochs, batch_size, image_size, learning_rate, temperature,
+                 checkpoint_every, seed, max_minutes, probe, weights_dir, data_dir, overwrite, quiet):
+  """Self-supervised (SimCLR) pretraining of a backbone on the training images, from ImageNet; writes
+  backbone.weights.h5 for `covidct train --recipe finetune --weights FILE`. Labels only score the linear probe."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from covidct.config import PretrainConfig  # pylint: disable=import-outside-toplevel
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+  if not model.startswith("mobilenet_v2_"):
+    raise CovidctError(f"pretraining applies to backbone models (mobilenet_v2_0.35, _0.5, _1.0), not {model!r}.")
+  if pathlib.Path(out_dir).exists() and not overwrite:
+    raise CovidctError(f"output folder {out_dir} exists; choose another or pass --overwrite.")
+  given = dict(model=model, epochs=epochs, batch_size=batch_size, image_size=image_size, learning_rate=learning_rate,
+               temperature=temperature, checkpoint_every=checkpoint_every, seed=seed, weights_dir=weights_dir)
+  cfg = dataclasses.replace(PretrainConfig(), **{k: v for k, v in given.items() if v is not None})
+  from covidct import pretrain  # pylint: disable=import-outside-toplevel
+
+  if arrays_dir:
+    train = pretrain.load_arrays(pathlib.Path(arrays_dir) / "train.npz")
+    validation = pretrain.load_arrays(pathlib.Path(arrays_dir) / "validation.npz") if probe else None
+  else:
+    from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+    from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
+
+    load_builder(data_dir)
+    train = split_arrays("train", data_dir, cfg.image_size)
+    validation = split_arrays("validation", data_dir, cfg.image_size) if probe else None
+  summary = pretrain.pretrain(cfg, train, out_dir, validation=validation, overwrite=overwrite,
+                              verbose=2 if quiet else 1, max_minutes=max_minutes)
+  kept = next((p for p in summary["probes"] if p["epoch"] == summary["kept_epoch"]), None)
+  score = f" (linear probe validation ROC AUC {kept['validation_auc']:.3f})" if kept else ""
+  click.echo(f"kept epoch {summary['kept_epoch']} of {summary['epochs_run']}{score}; {summary['wall_time_s']:.0f} s. "
+             f"Fine-tune it: covidct train --recipe finetune --model {cfg.model} "
+             f"--weights {pathlib.Path(out_dir) / pretrain.WEIGHTS_FILE}")
 
 
 @main.command("evaluate")

@@ -58,6 +58,10 @@ class TrainConfig:
   # mixup's alpha: training batches mixed pairwise, lam ~ Beta(alpha, alpha); labels become soft and the class
   # weight follows the rounded label. 0: off. In the tf.data pipeline, whatever `augment_on` says.
   mixup: float = 0.0
+  # Fine-tuning: keep the backbone's batch norm layers frozen (inference mode: ImageNet statistics, fixed scale and
+  # shift). Off, the unfrozen layers normalise with batch statistics and update them: in Keras 3, fit's
+  # training=True overrides the training=False the backbone is called with (keras-team/keras#20285).
+  freeze_batch_norm: bool = False
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -124,3 +128,49 @@ def resolve(recipe: str = "default", **overrides) -> TrainConfig:
   if unknown:
     raise CovidctError(f"unknown config fields {sorted(unknown)}; known: {sorted(fields)}.")
   return dataclasses.replace(RECIPES[recipe], **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Self-supervised (SimCLR) pretraining of a backbone on unlabeled images, before `finetune` (covidct.pretrain)."""
+
+  model: str = "mobilenet_v2_0.5"
+  image_size: int = 224
+  epochs: int = 600
+  batch_size: int = 128  # images per step; the contrastive loss sees twice as many views
+  learning_rate: float = 2e-4  # AdamW, for the backbone and the projection head alike (the backbone starts trained)
+  weight_decay: float = 1e-5
+  temperature: float = 0.2
+  projection_dim: int = 128
+  hidden_dim: int = 512
+  seed: int = 0
+  weights: str | None = "imagenet"  # the starting point: as in TrainConfig
+  weights_dir: str | None = None
+  checkpoint_every: int = 50  # epochs between backbone checkpoints (and linear probes); 0: only the last epoch
+  # The two views' augmentation: zoom in by up to `crop` of the side (a random crop), rotation, shift, contrast,
+  # brightness (fractions) and Gaussian noise (grey levels).
+  crop: float = 0.4
+  rotation_degrees: float = 15.0
+  shift: float = 0.1
+  contrast: float = 0.4
+  brightness: float = 0.2
+  noise: float = 5.0
+
+  def __post_init__(self):
+    for name in ("image_size", "batch_size", "epochs", "projection_dim", "hidden_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise CovidctError(f"{name} must be a positive integer, got {value!r}.")
+    if self.image_size < 32:
+      raise CovidctError(f"image_size must be at least 32 pixels, got {self.image_size}.")
+    if self.batch_size < 2:
+      raise CovidctError(f"batch_size must be at least 2 (the loss contrasts images of a batch), got {self.batch_size}.")
+    if not self.learning_rate > 0 or not self.temperature > 0 or self.weight_decay < 0:
+      raise CovidctError("learning_rate and temperature must be positive, weight_decay zero or more; got "
+                         f"{self.learning_rate!r}, {self.temperature!r}, {self.weight_decay!r}.")
+    if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+      raise CovidctError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}.")
+    if not (0 <= self.crop < 1 and 0 <= self.shift < 1 and 0 <= self.contrast < 1 and 0 <= self.brightness < 1):
+      raise CovidctError("crop, shift, contrast and brightness are fractions from 0 up to, not including, 1.")
+    if self.rotation_degrees < 0 or self.noise < 0:
+      raise CovidctError("rotation_degrees and noise must be zero or more.")

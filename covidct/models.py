@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 from covidct.errors import CovidctError
@@ -87,25 +88,43 @@ def resolve_backbone_weights(cfg, alpha: float):
 
 def _mobilenet_v2(alpha: float):
   def build(x, keras, cfg):
-    """ImageNet MobileNetV2: grayscale [0, 1] -> 3 channels in [-1, 1] inside the model; the backbone runs in
-    inference mode (its batch-norm statistics stay frozen, as fine-tuning needs)."""
+    """ImageNet MobileNetV2: grayscale [0, 1] -> 3 channels in [-1, 1] inside the model. The backbone is called
+    with training=False, but Keras 3's fit overrides that (keras-team/keras#20285): its batch norm runs in inference
+    mode only while its layers are frozen, or with `freeze_batch_norm` (see train.py)."""
     weights = resolve_backbone_weights(cfg, alpha)
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_minus1_1")(x)
     x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
-    try:
-      backbone = keras.applications.MobileNetV2(input_shape=(cfg.image_size, cfg.image_size, 3), alpha=alpha,
-                                                include_top=False, weights=weights, name="backbone")
-    except Exception as e:  # a failed download surfaces as URLError, OSError or an Exception from get_file
-      if weights == "imagenet" and ("URL" in str(e) or "fetch" in str(e) or isinstance(e, OSError)):
-        raise CovidctError(
-            f"cannot download {mobilenet_weights_file(alpha)} (offline?): put it in $KERAS_HOME/models/ "
-            f"(default ~/.keras/models/) or pass --weights-dir DIR holding it.") from None
-      raise
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      backbone = _load_mobilenet_v2(keras, cfg, alpha, weights)
+    skipped = [w for w in caught if "Skipping nested container" in str(w.message)]
+    if skipped:  # Keras loads what matches and warns about the rest: a file of another network
+      raise CovidctError(f"backbone weights file {weights} does not fit MobileNetV2 alpha={alpha}: {len(skipped)} "
+                         "parts of it found nothing to load. Give the file `covidct pretrain --model "
+                         f"mobilenet_v2_{alpha}` wrote, or the ImageNet one.")
+    for w in caught:
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     x = backbone(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
 
   return build
+
+
+def _load_mobilenet_v2(keras, cfg, alpha: float, weights):
+  try:
+    return keras.applications.MobileNetV2(input_shape=(cfg.image_size, cfg.image_size, 3), alpha=alpha,
+                                          include_top=False, weights=weights, name="backbone")
+  except Exception as e:  # a failed download surfaces as URLError, OSError or an Exception from get_file
+    if weights == "imagenet" and ("URL" in str(e) or "fetch" in str(e) or isinstance(e, OSError)):
+      raise CovidctError(
+          f"cannot download {mobilenet_weights_file(alpha)} (offline?): put it in $KERAS_HOME/models/ "
+          f"(default ~/.keras/models/) or pass --weights-dir DIR holding it.") from None
+    if weights not in (None, "imagenet"):  # a file given by path: another width, or not a weights file at all
+      raise CovidctError(f"backbone weights file {weights} does not fit MobileNetV2 alpha={alpha}: "
+                         f"{str(e).splitlines()[0]} Give the file `covidct pretrain --model mobilenet_v2_{alpha}` "
+                         f"wrote, or the ImageNet one.") from None
+    raise
 
 
 for _alpha in (0.35, 0.5, 1.0):

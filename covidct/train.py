@@ -202,9 +202,13 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
         history.setdefault(k, []).extend(float(v) for v in vs)
 
     def unfreeze():  # the whole backbone but the layers below `fine_tune_from`
-      backbone.trainable = True  # batch norm stays in inference mode (see models.py)
+      backbone.trainable = True
       for layer in backbone.layers[:frozen_below]:
         layer.trainable = False
+      if cfg.freeze_batch_norm:  # a non-trainable batch norm runs in inference mode, whatever fit's `training`
+        for layer in backbone.layers:
+          if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
     if cfg.head_epochs and backbone is not None:
       backbone.trainable = False  # stage 1: the head alone, on frozen ImageNet features

@@ -133,3 +133,24 @@ def test_fine_tune_from_needs_a_backbone(dummy_data_dir, tmp_path):
   with pytest.raises(CovidctError, match="applies to backbone models"):
     train(resolve("default", epochs=1, fine_tune_from="block_13", data_dir=str(dummy_data_dir)), tmp_path / "run")
   assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_batch_norm_keeps_the_imagenet_statistics(dummy_data_dir, tmp_path, freeze):
+  """Keras 3's fit calls the backbone with training=True although the model calls it with training=False
+  (keras-team/keras#20285): unfrozen batch norm then updates its statistics. `freeze_batch_norm` keeps them."""
+  import keras
+
+  from covidct.train import train
+
+  cfg = resolve("finetune", model="mobilenet_v2_0.35", image_size=96, batch_size=4, head_epochs=0, epochs=1,
+                freeze_batch_norm=freeze, data_dir=str(dummy_data_dir), weights_dir=str(KERAS_WEIGHTS))
+  train(cfg, tmp_path / "run", verbose=0)
+  trained = keras.saving.load_model(tmp_path / "run" / "model.keras").get_layer("backbone")
+  start = build_model(cfg).get_layer("backbone")
+  bn = [l.name for l in start.layers if isinstance(l, keras.layers.BatchNormalization)]
+  kept = [all(np.array_equal(a, b) for a, b in zip(trained.get_layer(n).get_weights(), start.get_layer(n).get_weights()))
+          for n in bn]
+  assert all(kept) if freeze else not any(kept)
+  assert not np.array_equal(trained.get_layer("Conv1").get_weights()[0], start.get_layer("Conv1").get_weights()[0])
+  assert f'"freeze_batch_norm": {str(freeze).lower()}' in (tmp_path / "run" / "config.json").read_text()
