@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 
 import numpy as np
 
@@ -158,6 +159,14 @@ def to_markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def legend_label(group: dict) -> str:
+  """A group's label in the plot: a file path (weights=...) keeps its last two parts (the table has it whole), and
+  the whole is cut at 100 characters."""
+  label = re.sub(r"/(?:[^/,\s]+/)+([^/,\s]+/[^/,\s]+)", r".../\1",
+                 f"{group['model']} {group['image_size']}: {group['options']}")
+  return label if len(label) <= 100 else label[:97] + "..."
+
+
 def plot_validation_vs_test(result: dict, path) -> bool:
   """Each evaluated run as a point (validation ROC AUC, test ROC AUC), a colour per group; False if none is."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -172,8 +181,7 @@ def plot_validation_vs_test(result: dict, path) -> bool:
     if not pts:
       continue
     xs, ys = zip(*pts)
-    label = f"{g['model']} {g['image_size']}: {g['options']}"
-    ax.scatter(xs, ys, label=label if len(label) < 70 else label[:67] + "...", s=36)
+    ax.scatter(xs, ys, label=legend_label(g), s=36)
     drawn += pts
   if not drawn:
     plt.close(fig)

@@ -7,7 +7,10 @@ loss on a projection head). Labels are never used for that; they only score a li
 (logistic regression fitted on train, ROC AUC on validation) at each checkpoint, and the checkpoint the probe rates
 best on validation becomes `backbone.weights.h5`, which `covidct train --weights FILE` fine-tunes.
 
-Everything here is backend-agnostic Keras (`keras.ops`, Keras preprocessing layers) and numpy: it runs under
+The backbone's batch norm normalises with batch statistics and updates its moving statistics here, as in SimCLR
+(Keras 3's fit overrides the training=False the classifier calls the backbone with, keras-team/keras#20285).
+
+Everything here is backend-agnostic Keras (`keras.ops`, Keras layers) and numpy: it runs under
 TensorFlow, and under JAX on a GPU machine that has no TensorFlow (`tools/gpu_pretrain.sh`), fed by the arrays that
 `covidct data arrays` writes.
 """

@@ -78,3 +78,13 @@ def test_agreement_of_validation_and_test():
   assert fit["runs"] == 3 and fit["spearman"] == pytest.approx(-1.0) and -1 < fit["pearson"] < -0.9
   assert agreement(rows[:2]) is None  # too few runs to say
   assert agreement([{"val_auc": 0.8, "test_auc": t} for t in (0.7, 0.8, 0.9)]) is None  # one validation value
+
+
+def test_legend_label_shortens_weight_paths():
+  from covidct.compare import legend_label
+
+  group = {"model": "mobilenet_v2_0.5", "image_size": 224,
+           "options": "freeze_batch_norm=True, weights=/tmp/x/simclr/checkpoints/epoch_0600.weights.h5"}
+  assert legend_label(group) == ("mobilenet_v2_0.5 224: freeze_batch_norm=True, "
+                                 "weights=.../checkpoints/epoch_0600.weights.h5")
+  assert legend_label(dict(group, options="x" * 200)).endswith("...") and len(legend_label(dict(group, options="x" * 200))) == 100
