@@ -55,6 +55,11 @@ def data():
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                          help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+_QUIET = click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+_WEIGHTS_DIR = click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+                            help="Backbones: folder with the Keras ImageNet weight files (offline); default: "
+                                 "Keras's cache.")
 
 
 @data.command("build")
@@ -111,7 +116,7 @@ def _int_or_name(value):
               help="Comma-separated splits; one SPLIT.npz each.")
 @click.option("--image-size", type=int, default=224, show_default=True, callback=_positive)
 @_DATA_DIR
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_OVERWRITE
 @_friendly
 def data_arrays(out_dir, splits, image_size, data_dir, overwrite):
   """Write splits as numpy arrays (resized as training resizes them), for machines or frameworks without
@@ -177,11 +182,10 @@ def data_arrays(out_dir, splits, image_size, data_dir, overwrite):
 @click.option("--weights", default=None, metavar="imagenet|none|FILE",
               help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
                    "such as the backbone.weights.h5 of `covidct pretrain`.")
-@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Backbones: folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
+@_WEIGHTS_DIR
 @_DATA_DIR
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+@_OVERWRITE
+@_QUIET
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
               mixed_precision, augment_on, augment, noise, resolution, head_epochs, fine_tune_from, label_smoothing,
@@ -251,15 +255,14 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
               help="Epochs between backbone checkpoints and linear probes (0: the last epoch only).")
 @click.option("--seed", type=int, default=None)
 @click.option("--max-minutes", type=float, default=None, callback=_positive,
-              help="Stop after the first epoch past this many minutes (checkpointed).")
+              help="Stop at the first training step past this many minutes (a checkpoint is written there).")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Score each checkpoint by a linear probe (train labels, validation ROC AUC) and keep the best; "
                    "without it, the last epoch is kept.")
-@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with the Keras ImageNet weight files (offline); default: Keras's cache.")
+@_WEIGHTS_DIR
 @_DATA_DIR
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+@_OVERWRITE
+@_QUIET
 @_friendly
 def pretrain_cmd(out_dir, model, arrays_dir, epochs, batch_size, image_size, learning_rate, temperature,
                  checkpoint_every, seed, max_minutes, probe, weights_dir, data_dir, overwrite, quiet):
@@ -348,7 +351,7 @@ def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, data_d
 @main.command("ensemble")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_OVERWRITE
 @_friendly
 def ensemble_cmd(runs, out_dir, overwrite):
   """Join trained RUNS (same input size) into one model that averages their probabilities.
@@ -366,7 +369,7 @@ def ensemble_cmd(runs, out_dir, overwrite):
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Also write compare.md, compare.json and validation_vs_test.png to this folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_OVERWRITE
 @_friendly
 def compare_cmd(runs, out_dir, overwrite):
   """Compare training RUNS: what each changed from its recipe, its validation ROC AUC and, once `covidct evaluate`
@@ -399,8 +402,8 @@ def compare_cmd(runs, out_dir, overwrite):
                    "probabilities stay apart at the 8-bit output's 1/256 step; ROC AUC is unchanged).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_DATA_DIR
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+@_OVERWRITE
+@_QUIET
 @_friendly
 def qat_cmd(run, out_dir, epochs, learning_rate, calibration_images, temperature, seed, data_dir, overwrite, quiet):
   """Quantization-aware fine-tuning of a MobileNetV2 RUN, so its full-int8 copies give the same answers.

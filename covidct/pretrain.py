@@ -227,7 +227,7 @@ def pretrain(cfg: PretrainConfig, train: dict, out_dir, validation: dict | None 
              verbose: int = 1, max_minutes: float | None = None) -> dict:
   """Pretrains on `train['images']` (uint8, (N, S, S, 1)) and writes `out_dir`: backbone.weights.h5, checkpoints/,
   pretrain.json and pretrain.png. With `validation` (and train labels), a linear probe scores each checkpoint and
-  the best on validation is kept; without it, the last epoch. `max_minutes` ends training after the first epoch
+  the best on validation is kept; without it, the last epoch. `max_minutes` ends training at the first step
   past that time (with a checkpoint there). Atomic: nothing under `out_dir` on failure."""
   import keras  # pylint: disable=import-outside-toplevel
 
