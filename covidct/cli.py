@@ -167,6 +167,12 @@ def data_arrays(out_dir, splits, image_size, data_dir, overwrite):
 @click.option("--resolution", type=float, default=None,
               help="Simulate low-resolution sources: scale each augmented training image down to a random fraction "
                    "of its size, between this and 1, and back up (needs augmentation; 0 turns it off).")
+@click.option("--contrast", type=float, default=None, metavar="FRACTION",
+              help="Scale each augmented training image's contrast about its mean by a random factor in "
+                   "[1 - FRACTION, 1 + FRACTION] (needs augmentation; 0 turns it off).")
+@click.option("--brightness", type=float, default=None, metavar="FRACTION",
+              help="Shift each augmented training image's brightness by a random fraction of 255 in "
+                   "[-FRACTION, FRACTION] (needs augmentation; 0 turns it off).")
 @click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
 @click.option("--fine-tune-from", default=None, metavar="LAYER",
               help="Backbones: fine-tune only from this backbone layer up, an index or a name prefix such as "
@@ -188,8 +194,9 @@ def data_arrays(out_dir, splits, image_size, data_dir, overwrite):
 @_QUIET
 @_friendly
 def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
-              mixed_precision, augment_on, augment, noise, resolution, head_epochs, fine_tune_from, label_smoothing,
-              blur, mixup, freeze_batch_norm, weights, weights_dir, data_dir, overwrite, quiet):
+              mixed_precision, augment_on, augment, noise, resolution, contrast, brightness, head_epochs,
+              fine_tune_from, label_smoothing, blur, mixup, freeze_batch_norm, weights, weights_dir, data_dir,
+              overwrite, quiet):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -225,6 +232,11 @@ def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_r
     if not 0 <= resolution < 1:
       raise CovidctError(f"--resolution must be a fraction from 0 (off) up to, not including, 1; got {resolution}.")
     extra["resolution"] = resolution
+  for name, value in (("contrast", contrast), ("brightness", brightness)):
+    if value is not None:
+      if not 0 <= value < 1:
+        raise CovidctError(f"--{name} must be a fraction from 0 (off) up to, not including, 1; got {value}.")
+      extra[name] = value
   if extra:
     if cfg.augment is None:
       names = " and ".join(f"--{k}" for k in extra)

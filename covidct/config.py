@@ -22,6 +22,10 @@ class AugmentConfig:
   # RESOLUTION_LEVELS fractions between this and 1 and back up, so sharpness stops telling classes apart
   # (train COVID images are much smaller than the others; val/test ones are not). 0 (or 1) turns it off.
   resolution: float = 0.0
+  # Intensity, per image, after the warp: contrast scales about the image's mean by a factor in [1 - c, 1 + c];
+  # brightness adds a shift in [-b, b] x 255. Sources window and export their scans differently. 0 turns each off.
+  contrast: float = 0.0
+  brightness: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

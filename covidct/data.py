@@ -30,9 +30,10 @@ def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
   Flip, rotation, shift, shear and zoom are drawn from stateless RNGs keyed by `seed` (int32 [2]) and composed
   into a single matrix per image, so the batch is resampled once (bilinear, black fill) by TensorFlow's
   ImageProjectiveTransformV3, on whatever device runs it. Same seed, same output. With `cfg.resolution`, each image
-  is first brought to a random lower resolution and back (`degrade_resolution`); with `cfg.noise`, Gaussian pixel
-  noise of that std (grey levels) is added after the warp. Each has a stream of its own, so the warp is the same
-  with or without them.
+  is first brought to a random lower resolution and back (`degrade_resolution`); with `cfg.contrast` and
+  `cfg.brightness`, each warped image's contrast (about its mean) and brightness are changed (`adjust_intensity`);
+  with `cfg.noise`, Gaussian pixel noise of that std (grey levels) is added last. Each has a stream of its own, so
+  the warp is the same with or without them.
   """
   images = tf.convert_to_tensor(images, tf.float32)
   if 0 < cfg.resolution < 1:
@@ -70,11 +71,27 @@ def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
   warped = tf.raw_ops.ImageProjectiveTransformV3(
       images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
       interpolation="BILINEAR", fill_mode="CONSTANT")
+  if cfg.contrast or cfg.brightness:
+    warped = adjust_intensity(warped, tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int32), 9),
+                              cfg.contrast, cfg.brightness)
   if not cfg.noise:
     return warped
   # Gaussian pixel noise (std in grey levels), from its own stream so the warp is the same with or without it.
   noise_seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int32), 7)
   return tf.clip_by_value(warped + tf.random.stateless_normal(shape, noise_seed) * cfg.noise, 0.0, 255.0)
+
+
+def adjust_intensity(images, seed, contrast: float, brightness: float) -> tf.Tensor:
+  """Per-image contrast and brightness on a float batch (B, H, W, C) in [0, 255]: (x - mean) * c + mean + b * 255,
+  c ~ U[1 - contrast, 1 + contrast], b ~ U[-brightness, brightness], drawn per image from `seed`; clipped to
+  [0, 255]."""
+  images = tf.convert_to_tensor(images, tf.float32)
+  b = tf.shape(images)[0]
+  s1, s2 = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), 2))
+  factor = tf.reshape(tf.random.stateless_uniform([b], s1, 1.0 - contrast, 1.0 + contrast), [-1, 1, 1, 1])
+  shift = tf.reshape(tf.random.stateless_uniform([b], s2, -brightness, brightness), [-1, 1, 1, 1]) * 255.0
+  mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+  return tf.clip_by_value((images - mean) * factor + mean + shift, 0.0, 255.0)
 
 
 RESOLUTION_LEVELS = 5

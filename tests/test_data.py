@@ -97,6 +97,35 @@ def test_augment_batch_noise():
   assert np.abs(b - a)[:, 16:48, 16:48].mean() < 3
 
 
+def test_adjust_intensity():
+  import tensorflow as tf
+
+  from covidct.data import adjust_intensity, augment_batch
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(80, 176, (64, 32, 32, 1)).astype(np.float32)  # mid-grey: no clipping at 0.3 / 0.1
+  y = adjust_intensity(x, tf.constant([1, 2]), 0.3, 0.1).numpy()
+  np.testing.assert_array_equal(y, adjust_intensity(x, tf.constant([1, 2]), 0.3, 0.1).numpy())  # seeded
+  shift = (y.mean(axis=(1, 2, 3)) - x.mean(axis=(1, 2, 3))) / 255
+  factor = y.std(axis=(1, 2, 3)) / x.std(axis=(1, 2, 3))
+  assert np.abs(shift).max() <= 0.1 + 1e-4 and shift.min() < -0.05 and shift.max() > 0.05  # spread over the range
+  assert 0.7 - 1e-4 <= factor.min() < 0.8 and 1.2 < factor.max() <= 1.3 + 1e-4
+  # the image itself keeps its shape: a per-image affine map of the grey levels
+  for i in range(4):
+    assert np.corrcoef(x[i].ravel(), y[i].ravel())[0, 1] > 0.9999
+  np.testing.assert_array_equal(adjust_intensity(x, tf.constant([1, 2]), 0.0, 0.0).numpy(), x)  # off: unchanged
+  extreme = adjust_intensity(np.stack([np.zeros((8, 8, 1)), np.full((8, 8, 1), 255.0)]), tf.constant([3, 4]), 0.9, 0.9)
+  assert extreme.numpy().min() >= 0 and extreme.numpy().max() <= 255  # clipped to grey levels
+  # augment_batch applies it after the warp, from its own stream: the geometry stays as it was
+  plain = AugmentConfig(contrast=0.0, brightness=0.0)
+  a = augment_batch(x, tf.constant([3, 4]), plain).numpy()
+  b = augment_batch(x, tf.constant([3, 4]), dataclasses.replace(plain, contrast=0.3, brightness=0.1)).numpy()
+  assert not np.allclose(a, b)
+  for i in range(4):
+    inner = (slice(8, 24), slice(8, 24))  # inside the warp's black fill
+    assert np.corrcoef(a[i][inner].ravel(), b[i][inner].ravel())[0, 1] > 0.999
+
+
 def test_degrade_resolution():
   import tensorflow as tf
 

@@ -133,12 +133,13 @@ def test_cli_train_and_evaluate(dummy_data_dir, tmp_path):
   runner = CliRunner()
   out = tmp_path / "run"
   res = runner.invoke(main, ["train", "--out", str(out), "--epochs", "1", "--image-size", "48", "--batch-size", "4",
-                             "--augment", "--noise", "2", "--resolution", "0.5", "--mixup", "0.3", "--data-dir",
-                             str(dummy_data_dir), "--quiet"])
+                             "--augment", "--noise", "2", "--resolution", "0.5", "--contrast", "0.3", "--brightness",
+                             "0.1", "--mixup", "0.3", "--data-dir", str(dummy_data_dir), "--quiet"])
   assert res.exit_code == 0, res.output
   assert "best epoch 1/1" in res.output
   augment = json.loads((out / "config.json").read_text())["augment"]
   assert augment["noise"] == 2.0 and augment["resolution"] == 0.5
+  assert augment["contrast"] == 0.3 and augment["brightness"] == 0.1
   assert json.loads((out / "config.json").read_text())["mixup"] == 0.3
   res = runner.invoke(main, ["evaluate", str(out), "--data-dir", str(dummy_data_dir), "--bootstrap", "50"])
   assert res.exit_code == 0, res.output
@@ -162,6 +163,9 @@ def test_cli_train_and_evaluate(dummy_data_dir, tmp_path):
     (["--augment", "--noise", "-1"], 1, "zero or more grey levels"),
     (["--resolution", "0.5"], 1, "--resolution needs augmentation"),
     (["--augment", "--resolution", "1.5"], 1, "--resolution must be a fraction"),
+    (["--contrast", "0.3", "--brightness", "0.1"], 1, "--contrast and --brightness need augmentation"),
+    (["--augment", "--contrast", "1"], 1, "--contrast must be a fraction"),
+    (["--augment", "--brightness", "-0.1"], 1, "--brightness must be a fraction"),
     (["--fine-tune-from", "-3"], 1, "fine_tune_from must be a layer index >= 0 or a layer name"),
     (["--mixup", "-1"], 1, "mixup must be a Beta alpha"),
 ])
