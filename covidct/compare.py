@@ -113,15 +113,28 @@ def compare(run_dirs) -> dict:
   return {"runs": rows, "groups": summary, "validation_vs_test": agreement(rows)}
 
 
+EXACT_P_MAX_RUNS = 7  # up to this many runs (7! = 5040 orderings), p-values come from every permutation
+
+
 def agreement(rows) -> dict | None:
-  """How well validation ROC AUC predicts test ROC AUC over the runs that have both (None for fewer than 3)."""
+  """How well validation ROC AUC predicts test ROC AUC over the runs that have both (None for fewer than 3).
+
+  Pearson and Spearman coefficients with two-sided p-values: exact permutation tests for a few runs (the usual
+  approximations call a perfect ranking of 3 runs p = 0, where the chance of it is 1 in 3), the approximations
+  beyond that.
+  """
   from scipy import stats  # pylint: disable=import-outside-toplevel
 
   pairs = [(r["val_auc"], r["test_auc"]) for r in rows if r["val_auc"] is not None and r.get("test_auc") is not None]
   if len(pairs) < 3 or len({v for v, _ in pairs}) < 2 or len({t for _, t in pairs}) < 2:
     return None
   val, test = np.array(pairs).T
-  pearson, spearman = stats.pearsonr(val, test), stats.spearmanr(val, test)
+  if len(pairs) <= EXACT_P_MAX_RUNS:
+    exact = stats.PermutationMethod()  # its default 9999 resamples exceed 7!: it enumerates every ordering
+    pearson = stats.pearsonr(val, test, method=exact)
+    spearman = stats.pearsonr(stats.rankdata(val), stats.rankdata(test), method=exact)  # Spearman: Pearson on ranks
+  else:
+    pearson, spearman = stats.pearsonr(val, test), stats.spearmanr(val, test)
   return {"runs": len(pairs), "pearson": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
           "spearman": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
 

@@ -76,6 +76,11 @@ def test_agreement_of_validation_and_test():
   rows = [{"val_auc": v, "test_auc": t} for v, t in ((0.70, 0.90), (0.80, 0.85), (0.90, 0.70), (0.75, None))]
   fit = agreement(rows)
   assert fit["runs"] == 3 and fit["spearman"] == pytest.approx(-1.0) and -1 < fit["pearson"] < -0.9
+  # a perfect ranking of 3 runs happens by chance in 2 of the 6 orderings (either direction): exact p = 1/3, not 0
+  assert fit["spearman_p"] == pytest.approx(1 / 3) and fit["pearson_p"] == pytest.approx(1 / 3)
+  many = [{"val_auc": 0.70 + 0.01 * i, "test_auc": 0.90 - 0.01 * i + 0.005 * (i % 2)} for i in range(12)]
+  big = agreement(many)  # beyond a few runs, scipy's usual p-values
+  assert big["runs"] == 12 and big["spearman"] < -0.9 and big["spearman_p"] < 1e-3 and big["pearson_p"] < 1e-3
   assert agreement(rows[:2]) is None  # too few runs to say
   assert agreement([{"val_auc": 0.8, "test_auc": t} for t in (0.7, 0.8, 0.9)]) is None  # one validation value
 
