@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import re
 import time
 
 import numpy as np
@@ -49,20 +46,3 @@ def _timed(fn) -> float:
   t = time.perf_counter()
   fn()
   return time.perf_counter() - t
-
-
-def cpu_info() -> dict:
-  """CPU model, cores, clock, vector extensions and the theoretical float32 peak per core they imply."""
-  text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-  model = (re.search(r"model name\s*:\s*(.*)", text) or [None, platform.processor()])[1]
-  mhz = float((re.search(r"cpu MHz\s*:\s*([\d.]+)", text) or [None, "nan"])[1])
-  flags = set((re.search(r"flags\s*:\s*(.*)", text) or [None, ""])[1].split())
-  lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-  fma = 2 if "fma" in flags else 1
-  # Two FMA ports per core on server cores with AVX-512/AVX2: lanes x 2 (mul+add) x 2 ports.
-  per_cycle = lanes * fma * 2
-  return {"model": model, "cores": os.cpu_count(), "mhz": mhz,
-          "vector": "avx512" if lanes == 16 else "avx2" if lanes == 8 else "sse",
-          "amx_int8": "amx_int8" in flags, "vnni": "avx512_vnni" in flags,
-          "theoretical_gflops_per_core": per_cycle * mhz / 1000.0 if mhz == mhz else None,
-          "theoretical_basis": f"{lanes} float32 lanes x {fma} (FMA) x 2 ports x {mhz:.0f} MHz"}

@@ -7,10 +7,11 @@ import pathlib
 import platform
 import time
 
-from benchmarks.flops import cpu_info, measured_gemm_gflops, model_flops
+from benchmarks.flops import measured_gemm_gflops, model_flops
 from benchmarks.latency import configurations, gpu_status, nvidia_gpus, run_worker
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir
+from covidct.versions import cpu_info
 
 
 def environment(threads) -> dict:

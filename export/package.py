@@ -17,8 +17,8 @@ from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.quantize import is_quantization_aware
-from covidct.runners import SavedModelRunner, load_runner
-from covidct.versions import library_versions
+from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
+from covidct.versions import cpu_kind, library_versions
 from export.errors import ParityError
 from export.formats import export_format, parse_formats, sha256
 from export.parity import check_parity, write_report
@@ -80,7 +80,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       pathlib.Path(results.pop("onnx_float32").path).unlink()
     # Paths relative to the export folder (the temporary folder's name is gone once it is renamed).
     parity = [dataclasses.replace(r, path=os.path.basename(r.path)) for r in parity]
-    report = write_report(parity, threshold, tmp, quantization_aware)
+    verified_on = cpu_kind()
+    report = write_report(parity, threshold, tmp, quantization_aware, verified_on)
     files = {}
     for p in sorted(tmp.rglob("*")):
       if p.is_file():
@@ -98,13 +99,15 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
         "metrics": {"saved_model": {"validation": _summary(ref_val), "test": _summary(ref_test)}},
         "artifacts": {},
         "parity_passed": report["passed"],
+        "parity_verified_on": verified_on,
         "files": files,
         "libraries": library_versions(),
     }
     for r, res in zip(parity, (results[f] for f in formats)):
       manifest["artifacts"][r.format] = {
           "file": os.path.basename(res.path), "bytes": res.size_bytes, "sha256": res.sha256,
-          "export_seconds": round(res.seconds, 2), "parity": r.to_dict(), **res.details}
+          "export_seconds": round(res.seconds, 2), "parity": r.to_dict(), **res.details,
+          **({"onnxruntime_session_config": ONNX_SESSION_CONFIG} if r.format.startswith("onnx") else {})}
       manifest["metrics"][r.format] = {"test": {"roc_auc": r.roc_auc, "sensitivity": r.sensitivity,
                                                 "specificity": r.specificity, "agreement": r.agreement}}
     config = pathlib.Path(model_dir) / "config.json"

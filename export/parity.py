@@ -102,13 +102,25 @@ def check_parity(reference, candidate, fmt: str, test: dict, threshold: float, r
                       float(np.median(diffs)), rank)
 
 
-def markdown(results: list[ParityResult], threshold: float, quantization_aware: bool = False) -> str:
+# The contract across CPUs, stated in every parity report (see covidct.runners.ONNX_SESSION_CONFIG).
+CPU_CONTRACT = (
+    "Checked on {cpu}. The int8 copies compute integers, and the runtimes compute the same integers on every x86-64 "
+    "CPU (AVX2 or AVX-512, with or without VNNI) when ONNX Runtime runs with `session.x64quantprecision=1` (as "
+    "covidct's runners do; without it ONNX Runtime saturates int8 products on CPUs without VNNI). Float copies and the "
+    "SavedModel sum in an order that depends on the CPU's vector width: their values may differ in the last float32 "
+    "bits from one CPU kind to another, and in a quantization-aware model such a difference moves a value across a "
+    "rounding step only where it lies within float32 rounding of that step.")
+
+
+def markdown(results: list[ParityResult], threshold: float, quantization_aware: bool = False,
+             verified_on: str = "this machine") -> str:
   qat = ["The SavedModel is quantization-aware (`covidct qat`): it computes in 8-bit steps itself, so every format, "
          "float ones included, is held to the quantized rules.", ""] if quantization_aware else []
-  lines = ["# Parity against the SavedModel", "", *qat,
+  lines = ["# Parity against the SavedModel", "", *qat, CPU_CONTRACT.format(cpu=verified_on), "",
            f"Test split, {len(results) and 'all'} test images plus all-black, all-white, batch-of-one and batch-of-many "
-           f"inputs. Operating threshold {threshold:.4f}. Quantized formats pass when their ROC AUC is within "
-           f"{MAX_AUC_DROP} of the SavedModel's and decisions agree on >= {MIN_AGREEMENT:.0%} of scans.", "",
+           f"inputs. Operating threshold {threshold:.4f}. float32 copies pass within their value tolerance; float16 and "
+           f"quantized copies (tolerance 'report') pass when their ROC AUC is within {MAX_AUC_DROP} of the "
+           f"SavedModel's and decisions agree on >= {MIN_AGREEMENT:.0%} of scans.", "",
            "`median diff` and `rank corr` (Spearman) compare the probabilities on the test images alone.", "",
            "| format | max abs diff | tolerance | median diff | rank corr | ROC AUC | vs SavedModel | sensitivity "
            "| specificity | agreement | result |",
@@ -122,10 +134,11 @@ def markdown(results: list[ParityResult], threshold: float, quantization_aware: 
   return "\n".join(lines) + "\n"
 
 
-def write_report(results: list[ParityResult], threshold: float, out_dir, quantization_aware: bool = False) -> dict:
+def write_report(results: list[ParityResult], threshold: float, out_dir, quantization_aware: bool = False,
+                 verified_on: str = "this machine") -> dict:
   report = {"threshold": threshold, "max_auc_drop": MAX_AUC_DROP, "min_agreement": MIN_AGREEMENT,
-            "quantization_aware": quantization_aware,
+            "quantization_aware": quantization_aware, "verified_on": verified_on,
             "passed": all(r.passed for r in results), "artifacts": [r.to_dict() for r in results]}
   (out_dir / "parity.json").write_text(json.dumps(report, indent=2))
-  (out_dir / "parity.md").write_text(markdown(results, threshold, quantization_aware))
+  (out_dir / "parity.md").write_text(markdown(results, threshold, quantization_aware, verified_on))
   return report

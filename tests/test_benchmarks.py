@@ -12,10 +12,11 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.flops import cpu_info, measured_gemm_gflops, model_flops
+from benchmarks.flops import measured_gemm_gflops, model_flops
 from benchmarks.latency import configurations, gpu_status
 from benchmarks.stats import latency_stats
 from covidct.cli import main
+from covidct.versions import cpu_info
 
 
 def test_latency_stats_known_inputs():
