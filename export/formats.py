@@ -15,13 +15,16 @@ import numpy as np
 
 from export.errors import ExportError, UnknownFormatError, UnsupportedOpError
 
-# Format name -> (file name, float tolerance on the probability or None where quantization makes it a report only).
+# Format name -> (file name, float tolerance on the probability, or None where rounding makes the value a report
+# only and the copy is judged by its metrics: ROC AUC and decision agreement, export.parity).
 # float32: 1e-4. Other kernels summing in another order give up to 1.6e-5 on the fine-tuned MobileNetV2s (4e-7 on
 # the `final` CNN) with identical decisions; an export that computes something else is off by orders of magnitude
-# more (the shifted bias in tests/test_export.py: over 1e-3).
+# more (the shifted bias in tests/test_export.py: over 1e-3). float16 weights round every weight to 11 significant
+# bits: on the fine-tuned MobileNetV2s that moved probabilities by up to 2.5e-2 to 3.5e-2 with 99-100% of decisions
+# unchanged, so float16 is judged like the quantized copies and its max difference is reported.
 FORMATS = {
     "tflite_float32": ("model_float32.tflite", 1e-4),
-    "tflite_float16": ("model_float16.tflite", 1e-3),
+    "tflite_float16": ("model_float16.tflite", None),
     "tflite_dynamic": ("model_dynamic_int8.tflite", None),
     "tflite_int8": ("model_int8.tflite", None),
     "onnx_float32": ("model_float32.onnx", 1e-4),

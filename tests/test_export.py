@@ -57,6 +57,9 @@ def test_export_folder_and_manifest(exported):
   parity = json.loads((exported / "parity.json").read_text())
   assert all(a["passed"] for a in parity["artifacts"])
   assert max(a["max_abs_diff"] for a in parity["artifacts"] if a["format"] != "tflite_float16") <= 1e-5
+  # float16 is judged by its metrics, like the quantized copies; its max difference is reported, not gated.
+  float16 = next(a for a in parity["artifacts"] if a["format"] == "tflite_float16")
+  assert float16["tolerance"] is None and 0 < float16["max_abs_diff"] < 1e-2 and float16["agreement"] == 1.0
   for a in parity["artifacts"]:
     assert a["path"] == manifest["artifacts"][a["format"]]["file"]  # relative: the temporary folder is gone
     assert a["median_abs_diff"] <= a["max_abs_diff"] and a["rank_correlation"] > 0.99
