@@ -176,7 +176,15 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
                                         "onnx_float32", "onnx_int8"}
   for fmt, art in manifest["artifacts"].items():
     assert art["parity"]["tolerance"] is None, fmt  # every format held to the quantized rules
-    assert art["parity"]["max_abs_diff"] <= 8 / 256, fmt  # within a few 8-bit output steps of the SavedModel
+    # Within a few 8-bit output steps of the SavedModel, on every CPU kind: the copies compute integers, and the
+    # runtimes compute the same integers on AVX2 and AVX-512 CPUs (ONNX Runtime with ONNX_SESSION_CONFIG; without
+    # it, an AVX2 EPYC saturated int8 products and the ONNX copies were 10 steps off). What is left is the SavedModel's
+    # float32 sums landing on the other side of a rounding step than the integer sums, a few values in a run:
+    # measured 4 (ONNX) and 6 (TFLite) steps here, the same under an emulated EPYC (docs/results/cpu-kinds.md).
+    assert art["parity"]["max_abs_diff"] <= 8 / 256, fmt
+    if fmt.startswith("onnx"):
+      assert art["onnxruntime_session_config"] == {"session.x64quantprecision": "1"}
+  assert manifest["parity_verified_on"].endswith(("VNNI)", "no VNNI)"))  # the CPU kind the copies were checked on
   import onnx
 
   graph = onnx.load(str(export / "model_float32.onnx")).graph
