@@ -102,14 +102,6 @@ def _positive(ctx, param, value):
   return value
 
 
-def _int_or_name(value):
-  """'12' -> 12, '-1' -> -1 (refused later), 'block_13' -> 'block_13', None -> None."""
-  try:
-    return int(value)
-  except (TypeError, ValueError):
-    return value
-
-
 @data.command("arrays")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @click.option("--split", "splits", default="train,validation,test", show_default=True,
@@ -142,113 +134,113 @@ def data_arrays(out_dir, splits, image_size, data_dir, overwrite):
                  f"{image_size}x{image_size}")
 
 
+# The options that make a TrainConfig: `covidct train` and `covidct cv` take the same ones
+# (covidct.config.config_from_options turns them into a config).
+_TRAINING_OPTIONS = [
+    click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
+                 help="'article': the article's recipe as written; 'default': one that learns on the official split; "
+                      "'finetune': ImageNet MobileNetV2, head then whole network."),
+    click.option("--model", default=None, help="Architecture: final, basic, too_simple, mobilenet_v2_0.35, "
+                                               "mobilenet_v2_0.5, mobilenet_v2_1.0 (default: the recipe's)."),
+    click.option("--epochs", type=int, default=None, callback=_positive),
+    click.option("--batch-size", type=int, default=None, callback=_positive, help="Per replica."),
+    click.option("--image-size", type=int, default=None, callback=_positive),
+    click.option("--learning-rate", type=float, default=None, callback=_positive),
+    click.option("--seed", type=int, default=None),
+    click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default=None,
+                 help="tf.distribute strategy: one device, all local devices, or the cluster in TF_CONFIG."),
+    click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 (GPU only)."),
+    click.option("--augment-on", type=click.Choice(["auto", "pipeline", "model"]), default=None,
+                 help="Where augmentation runs: tf.data on the CPU, or the training step on the accelerator."),
+    click.option("--augment/--no-augment", default=None,
+                 help="The article's augmentation on the training split (default: the recipe's choice)."),
+    click.option("--noise", type=float, default=None,
+                 help="Std of Gaussian pixel noise, in grey levels, added to the augmented training images (needs "
+                      "augmentation)."),
+    click.option("--resolution", type=float, default=None,
+                 help="Simulate low-resolution sources: scale each augmented training image down to a random fraction "
+                      "of its size, between this and 1, and back up (needs augmentation; 0 turns it off)."),
+    click.option("--contrast", type=float, default=None, metavar="FRACTION",
+                 help="Scale each augmented training image's contrast about its mean by a random factor in "
+                      "[1 - FRACTION, 1 + FRACTION] (needs augmentation; 0 turns it off)."),
+    click.option("--brightness", type=float, default=None, metavar="FRACTION",
+                 help="Shift each augmented training image's brightness by a random fraction of 255 in "
+                      "[-FRACTION, FRACTION] (needs augmentation; 0 turns it off)."),
+    click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first."),
+    click.option("--fine-tune-from", default=None, metavar="LAYER",
+                 help="Backbones: fine-tune only from this backbone layer up, an index or a name prefix such as "
+                      "block_13 (default: the whole backbone)."),
+    click.option("--label-smoothing", type=float, default=None),
+    click.option("--blur", type=float, default=None, metavar="SIGMA",
+                 help="A fixed Gaussian low-pass (sigma in pixels) inside the model, so every source is equally sharp."),
+    click.option("--mixup", type=float, default=None, metavar="ALPHA",
+                 help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
+                      "weight (0.2-0.4 is usual; 0 turns it off)."),
+    click.option("--freeze-batch-norm", is_flag=True, default=None,
+                 help="Backbones: keep batch norm in inference mode (ImageNet statistics) while fine-tuning."),
+    click.option("--weights", default=None, metavar="imagenet|none|FILE",
+                 help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
+                      "such as the backbone.weights.h5 of `covidct pretrain`."),
+    _WEIGHTS_DIR,
+    _DATA_DIR,
+]
+
+
+def _training_options(fn):
+  for option in reversed(_TRAINING_OPTIONS):
+    fn = option(fn)
+  return fn
+
+
 @main.command("train")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
-              help="'article': the article's recipe as written; 'default': one that learns on the official split; "
-                   "'finetune': ImageNet MobileNetV2, head then whole network.")
-@click.option("--model", default=None, help="Architecture: final, basic, too_simple, mobilenet_v2_0.35, "
-                                            "mobilenet_v2_0.5, mobilenet_v2_1.0 (default: the recipe's).")
-@click.option("--epochs", type=int, default=None, callback=_positive)
-@click.option("--batch-size", type=int, default=None, callback=_positive, help="Per replica.")
-@click.option("--image-size", type=int, default=None, callback=_positive)
-@click.option("--learning-rate", type=float, default=None, callback=_positive)
-@click.option("--seed", type=int, default=None)
-@click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default=None,
-              help="tf.distribute strategy: one device, all local devices, or the cluster in TF_CONFIG.")
-@click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 (GPU only).")
-@click.option("--augment-on", type=click.Choice(["auto", "pipeline", "model"]), default=None,
-              help="Where augmentation runs: tf.data on the CPU, or the training step on the accelerator.")
-@click.option("--augment/--no-augment", default=None,
-              help="The article's augmentation on the training split (default: the recipe's choice).")
-@click.option("--noise", type=float, default=None,
-              help="Std of Gaussian pixel noise, in grey levels, added to the augmented training images (needs "
-                   "augmentation).")
-@click.option("--resolution", type=float, default=None,
-              help="Simulate low-resolution sources: scale each augmented training image down to a random fraction "
-                   "of its size, between this and 1, and back up (needs augmentation; 0 turns it off).")
-@click.option("--contrast", type=float, default=None, metavar="FRACTION",
-              help="Scale each augmented training image's contrast about its mean by a random factor in "
-                   "[1 - FRACTION, 1 + FRACTION] (needs augmentation; 0 turns it off).")
-@click.option("--brightness", type=float, default=None, metavar="FRACTION",
-              help="Shift each augmented training image's brightness by a random fraction of 255 in "
-                   "[-FRACTION, FRACTION] (needs augmentation; 0 turns it off).")
-@click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first.")
-@click.option("--fine-tune-from", default=None, metavar="LAYER",
-              help="Backbones: fine-tune only from this backbone layer up, an index or a name prefix such as "
-                   "block_13 (default: the whole backbone).")
-@click.option("--label-smoothing", type=float, default=None)
-@click.option("--blur", type=float, default=None, metavar="SIGMA",
-              help="A fixed Gaussian low-pass (sigma in pixels) inside the model, so every source is equally sharp.")
-@click.option("--mixup", type=float, default=None, metavar="ALPHA",
-              help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
-                   "weight (0.2-0.4 is usual; 0 turns it off).")
-@click.option("--freeze-batch-norm", is_flag=True, default=None,
-              help="Backbones: keep batch norm in inference mode (ImageNet statistics) while fine-tuning.")
-@click.option("--weights", default=None, metavar="imagenet|none|FILE",
-              help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
-                   "such as the backbone.weights.h5 of `covidct pretrain`.")
-@_WEIGHTS_DIR
-@_DATA_DIR
+@_training_options
 @_OVERWRITE
 @_QUIET
 @_friendly
-def train_cmd(out_dir, recipe, model, epochs, batch_size, image_size, learning_rate, seed, strategy,
-              mixed_precision, augment_on, augment, noise, resolution, contrast, brightness, head_epochs,
-              fine_tune_from, label_smoothing, blur, mixup, freeze_batch_norm, weights, weights_dir, data_dir,
-              overwrite, quiet):
+def train_cmd(out_dir, overwrite, quiet, **options):
   """Train a model; write a SavedModel, model.keras, config, history, TensorBoard logs and curves."""
-  import pathlib  # pylint: disable=import-outside-toplevel
-
-  from covidct.config import resolve  # pylint: disable=import-outside-toplevel
-  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
-  from covidct.models import MODELS  # pylint: disable=import-outside-toplevel
-
-  if model is not None and model not in MODELS:
-    raise CovidctError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}.")
-  if pathlib.Path(out_dir).exists() and not overwrite:
-    raise CovidctError(f"output folder {out_dir} exists; choose another or pass --overwrite.")
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
-  from covidct.config import AugmentConfig  # pylint: disable=import-outside-toplevel
-
-  cfg = resolve(recipe, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
-                learning_rate=learning_rate, seed=seed, strategy=strategy, mixed_precision=mixed_precision,
-                augment_on=augment_on, head_epochs=head_epochs, label_smoothing=label_smoothing,
-                blur=blur, mixup=mixup, freeze_batch_norm=freeze_batch_norm, weights_dir=weights_dir, data_dir=data_dir,
-                fine_tune_from=_int_or_name(fine_tune_from))
-  if augment is not None:
-    cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)
-  if weights is not None:
-    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-      raise CovidctError(f"--weights {weights}: no such file; give imagenet, none, or a backbone weights file.")
-    cfg = dataclasses.replace(cfg, weights=None if weights == "none" else weights if weights == "imagenet" else os.path.abspath(weights))
-  extra = {}
-  if noise is not None:
-    if noise < 0:
-      raise CovidctError(f"--noise must be zero or more grey levels, got {noise}.")
-    extra["noise"] = noise
-  if resolution is not None:
-    if not 0 <= resolution < 1:
-      raise CovidctError(f"--resolution must be a fraction from 0 (off) up to, not including, 1; got {resolution}.")
-    extra["resolution"] = resolution
-  for name, value in (("contrast", contrast), ("brightness", brightness)):
-    if value is not None:
-      if not 0 <= value < 1:
-        raise CovidctError(f"--{name} must be a fraction from 0 (off) up to, not including, 1; got {value}.")
-      extra[name] = value
-  if extra:
-    if cfg.augment is None:
-      names = " and ".join(f"--{k}" for k in extra)
-      verb = "needs" if len(extra) == 1 else "need"
-      raise CovidctError(f"{names} {verb} augmentation, and the '{recipe}' recipe has none: add --augment.")
-    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **extra))
+  from covidct.config import config_from_options  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import refuse_existing  # pylint: disable=import-outside-toplevel
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
-  summary = train(cfg, out_dir, overwrite=overwrite, verbose=2 if quiet else 1)
+  refuse_existing(out_dir, overwrite)
+  summary = train(config_from_options(**options), out_dir, overwrite=overwrite, verbose=2 if quiet else 1)
   val = summary["validation"]
   click.echo(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: validation AUC {val.get('auc', float('nan')):.3f}, "
              f"loss {val['loss']:.3f}; {summary['wall_time_s']:.0f} s. Model in {out_dir}/saved_model")
+
+
+@main.command("cv")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--folds", type=int, default=None, callback=_positive,
+              help="k, the number of patient-grouped folds (default 5).")
+@click.option("--fold-seed", type=int, default=0, show_default=True,
+              help="Shuffles patients into folds; options compared on the same seed share their folds.")
+@click.option("--target-sensitivity", type=float, default=None, callback=_positive,
+              help="Each fold's threshold is chosen on the other folds for this sensitivity (default 0.90).")
+@click.option("--max-minutes", type=float, default=None, callback=_positive,
+              help="Stop at the end of the first epoch past this time; unfinished folds are left out.")
+@_training_options
+@_OVERWRITE
+@_QUIET
+@_friendly
+def cv_cmd(out_dir, folds, fold_seed, target_sensitivity, max_minutes, overwrite, quiet, **options):
+  """Cross-validate a training option on train + validation (patient-grouped folds; never reads test)."""
+  from covidct.config import config_from_options  # pylint: disable=import-outside-toplevel
+  from covidct.cv import cross_validate, markdown  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import refuse_existing  # pylint: disable=import-outside-toplevel
+
+  refuse_existing(out_dir, overwrite)
+  result = cross_validate(config_from_options(**options), out_dir, **_given(k=folds, fold_seed=fold_seed,
+                          target_sensitivity=target_sensitivity, max_minutes=max_minutes), overwrite=overwrite,
+                          verbose=0 if quiet else 2)
+  click.echo(markdown(result) + f"\nWritten to {out_dir}/cv.md")
+
+
+def _given(**kwargs) -> dict:
+  """The keyword arguments the user gave (not None): the library's defaults hold for the others."""
+  return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @main.command("pretrain")
@@ -351,7 +343,7 @@ def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, data_d
   if tta:
     runner = FlipTTARunner(runner)
   report = evaluate(runner, runner.image_size, data_dir=data_dir, split=split,
-                    target_sensitivity=target_sensitivity, n_boot=n_boot)
+                    target_sensitivity=target_sensitivity, n_boot=n_boot, shortcut_audit=True)
   report["model"] = [str(m) for m in models] if len(models) > 1 else str(path)
   report["test_time_augmentation"] = "horizontal flip" if tta else None
   title = f"Evaluation of {' + '.join(pathlib.Path(m).name for m in models)}{' with flip TTA' if tta else ''}"

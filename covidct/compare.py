@@ -17,6 +17,7 @@ from covidct.errors import CovidctError
 _NOT_OPTIONS = {"seed", "data_dir", "weights_dir", "recipe", "model", "image_size"}
 
 COLUMNS = [  # (key, heading)
+    ("cv_auc", "CV ROC AUC"), ("cv_sensitivity", "CV sensitivity"), ("cv_specificity", "CV specificity"),
     ("val_auc", "validation ROC AUC"), ("test_auc", "test ROC AUC"), ("test_accuracy", "test accuracy at 0.5"),
     ("test_sensitivity", "test sensitivity at 0.5"), ("test_sensitivity_thr", "test sensitivity at threshold"),
     ("test_specificity_thr", "test specificity at threshold"), ("minutes", "training minutes"),
@@ -48,13 +49,36 @@ def options_of(config: dict) -> str:
   return ", ".join(changed) or "as is"
 
 
+def read_cv(cv_dir) -> dict:
+  """A `covidct cv` output's row: its option, and the mean fold ROC AUC, sensitivity and specificity (each fold's
+  threshold chosen on the other folds) at the epoch count it chose."""
+  run = pathlib.Path(cv_dir)
+  try:
+    config = json.loads((run / "config.json").read_text())
+    result = json.loads((run / "cv.json").read_text())
+    return {
+        "run": str(run), "recipe": config.get("recipe", "-"), "model": config.get("model", "-"),
+        "image_size": config.get("image_size"), "options": options_of(config), "seed": config.get("seed"),
+        "epoch": f"{result['epochs']} (cv, {len(result['folds'])} folds)", "val_auc": None,
+        "minutes": result["train_minutes"]["mean"], "cv_auc": result["roc_auc"]["mean"],
+        "cv_auc_sd": result["roc_auc"]["sd"], "cv_sensitivity": result["sensitivity"]["mean"],
+        "cv_specificity": result["specificity"]["mean"],
+    }
+  except (OSError, ValueError, KeyError) as e:
+    raise CovidctError(f"{run}: cannot read its config.json or cv.json ({e}); run `covidct cv` again.") from None
+
+
 def read_run(run_dir) -> dict:
   """One run's row: name, recipe, model, size, options, seed, kept epoch and the scores it has. Validation ROC AUC
   comes from the kept epoch (history.json), else from `covidct evaluate RUN --split validation`; test scores from
-  `covidct evaluate RUN` (RUN/evaluation-test/report.json)."""
+  `covidct evaluate RUN` (RUN/evaluation-test/report.json). A `covidct cv` output gives its cross-validated scores
+  (read_cv)."""
   run = pathlib.Path(run_dir)
+  if (run / "cv.json").exists():
+    return read_cv(run)
   if not (run / "config.json").exists():
-    raise CovidctError(f"{run} has no config.json; pass folders written by `covidct train`, `qat` or `ensemble`.")
+    raise CovidctError(f"{run} has no config.json; pass folders written by `covidct train`, `qat`, `ensemble` or "
+                       "`cv`.")
   try:
     config = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "history.json").read_text())["summary"] if (run / "history.json").exists() else {}
@@ -165,10 +189,12 @@ def to_markdown(result: dict) -> str:
   if fit:
     lines += ["", f"Validation against test ROC AUC over {fit['runs']} runs: Pearson {fit['pearson']:+.2f} "
                   f"(p {fit['pearson_p']:.2f}), Spearman {fit['spearman']:+.2f} (p {fit['spearman_p']:.2f})."]
-  lines += ["", "| run | seed | epoch kept | validation ROC AUC | test ROC AUC |", "| --- | ---: | --- | ---: | ---: |"]
+  lines += ["", "| run | seed | epoch kept | CV ROC AUC (mean +- sd) | validation ROC AUC | test ROC AUC |",
+            "| --- | ---: | --- | ---: | ---: | ---: |"]
   for r in result["runs"]:
     seed = "-" if r["seed"] is None else r["seed"]
-    lines.append(f"| {r['run']} | {seed} | {r['epoch']} | {_fmt(r['val_auc'])} | {_fmt(r.get('test_auc'))} |")
+    cv = f"{r['cv_auc']:.3f} +- {r['cv_auc_sd']:.3f}" if r.get("cv_auc") is not None else "-"
+    lines.append(f"| {r['run']} | {seed} | {r['epoch']} | {cv} | {_fmt(r['val_auc'])} | {_fmt(r.get('test_auc'))} |")
   return "\n".join(lines) + "\n"
 
 

@@ -122,6 +122,50 @@ RECIPES = {
 }
 
 
+def config_from_options(recipe: str = "default", *, augment: bool | None = None, noise: float | None = None,
+                        resolution: float | None = None, contrast: float | None = None,
+                        brightness: float | None = None, weights: str | None = None,
+                        fine_tune_from: int | str | None = None, **overrides) -> TrainConfig:
+  """The TrainConfig that `covidct train` / `covidct cv` options describe: the recipe, with every option given (not
+  None) replacing its value. `augment` turns the recipe's augmentation on (the article's) or off; noise, resolution,
+  contrast and brightness change it and need it on; `weights` is 'imagenet', 'none' or a weights file;
+  `fine_tune_from` a layer index or name (digits are an index). Raises CovidctError on any bad value."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  from covidct.models import MODELS  # pylint: disable=import-outside-toplevel
+
+  model = overrides.get("model")
+  if model is not None and model not in MODELS:
+    raise CovidctError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}.")
+  if isinstance(fine_tune_from, str) and fine_tune_from.lstrip("-").isdigit():
+    fine_tune_from = int(fine_tune_from)
+  cfg = resolve(recipe, fine_tune_from=fine_tune_from, **overrides)
+  if augment is not None:
+    cfg = dataclasses.replace(cfg, augment=(cfg.augment or AugmentConfig()) if augment else None)
+  if weights is not None:
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+      raise CovidctError(f"--weights {weights}: no such file; give imagenet, none, or a backbone weights file.")
+    cfg = dataclasses.replace(cfg, weights=None if weights == "none" else weights if weights == "imagenet"
+                              else os.path.abspath(weights))
+  extra = {}
+  if noise is not None:
+    if noise < 0:
+      raise CovidctError(f"--noise must be zero or more grey levels, got {noise}.")
+    extra["noise"] = noise
+  for name, value in (("resolution", resolution), ("contrast", contrast), ("brightness", brightness)):
+    if value is not None:
+      if not 0 <= value < 1:
+        raise CovidctError(f"--{name} must be a fraction from 0 (off) up to, not including, 1; got {value}.")
+      extra[name] = value
+  if extra:
+    if cfg.augment is None:
+      names = " and ".join(f"--{k}" for k in extra)
+      verb = "needs" if len(extra) == 1 else "need"
+      raise CovidctError(f"{names} {verb} augmentation, and the '{recipe}' recipe has none: add --augment.")
+    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **extra))
+  return cfg
+
+
 def resolve(recipe: str = "default", **overrides) -> TrainConfig:
   """The recipe's config with the given fields replaced (None means: keep the recipe's value)."""
   if recipe not in RECIPES:

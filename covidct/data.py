@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -157,10 +159,44 @@ def build_augmenter(cfg: AugmentConfig, seed: int):
   return BatchAugment()
 
 
-def load_split(split: str, data_dir: str | None, image_size: int, with_meta: bool = False) -> tf.data.Dataset:
-  """Resized (uint8) examples of one split: (image, label) or, with_meta, dicts with patient_id and filename."""
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """Some of the dataset's examples: a TFDS split expression (e.g. 'train+validation'), kept whole, or only the
+  examples of the listed patients, or (with `exclude`) all but theirs. Cross-validation folds are selections."""
+
+  split: str
+  patients: tuple[str, ...] | None = None
+  exclude: bool = False
+
+  def __str__(self) -> str:
+    if self.patients is None:
+      return self.split
+    return f"{self.split} {'without' if self.exclude else 'only'} {len(self.patients)} patients"
+
+
+def _select(ds: tf.data.Dataset, selection: "Selection") -> tf.data.Dataset:
+  if selection.patients is None:
+    return ds
+  if not selection.patients:
+    return ds if selection.exclude else ds.take(0)
+  patients = tf.constant(sorted(selection.patients), tf.string)
+
+  def keep(e):
+    hit = tf.reduce_any(tf.equal(patients, e["patient_id"]))
+    return tf.logical_not(hit) if selection.exclude else hit
+
+  return ds.filter(keep)
+
+
+def load_split(split: "str | Selection", data_dir: str | None, image_size: int,
+               with_meta: bool = False) -> tf.data.Dataset:
+  """Resized (uint8) examples of one split (or Selection): (image, label) or, with_meta, dicts with patient_id and
+  filename."""
+  selection = split if isinstance(split, Selection) else Selection(split)
   builder = load_builder(data_dir)
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = _select(builder.as_dataset(split=selection.split, shuffle_files=False), selection)
+  if selection.patients is not None:  # a filter hides the size, which Keras wants to know for its epochs
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(split_labels(selection, data_dir)["labels"])))
 
   def prep(e):
     out = {"image": resize_image(e["image"], image_size), "label": e["label"]}
@@ -172,7 +208,7 @@ def load_split(split: str, data_dir: str | None, image_size: int, with_meta: boo
   return ds.map(prep, num_parallel_calls=AUTOTUNE)
 
 
-def build_inputs(split: str, *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
+def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
                  training: bool = False, augment: AugmentConfig | None = None, seed: int = 0,
                  shuffle_buffer: int = 1024, cache: bool = True, drop_remainder: bool = False,
                  mixup: float = 0.0) -> tf.data.Dataset:
@@ -208,7 +244,7 @@ def build_inputs(split: str, *, data_dir: str | None = None, image_size: int = 2
   return ds.prefetch(AUTOTUNE)
 
 
-def split_arrays(split: str, data_dir: str | None, image_size: int) -> dict[str, np.ndarray]:
+def split_arrays(split: "str | Selection", data_dir: str | None, image_size: int) -> dict[str, np.ndarray]:
   """A whole split as numpy: images (N, size, size, 1) uint8, labels, patient ids, file names."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
@@ -219,3 +255,30 @@ def split_arrays(split: str, data_dir: str | None, image_size: int) -> dict[str,
       "patient_ids": np.array([r["patient_id"].decode() for r in rows]),
       "filenames": np.array([r["filename"].decode() for r in rows]),
   }
+
+
+def split_labels(split: "str | Selection", data_dir: str | None) -> dict[str, np.ndarray]:
+  """Labels, patient ids and file names of a split (or Selection), without decoding any image."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  selection = split if isinstance(split, Selection) else Selection(split)
+  ds = load_builder(data_dir).as_dataset(split=selection.split, shuffle_files=False,
+                                         decoders={"image": tfds.decode.SkipDecoding()})
+  ds = _select(ds.map(lambda e: {k: e[k] for k in ("label", "patient_id", "filename")}), selection)
+  rows = list(tfds.as_numpy(ds))
+  return {
+      "labels": np.array([int(r["label"]) for r in rows], dtype=np.int64),
+      "patient_ids": np.array([r["patient_id"].decode() for r in rows]),
+      "filenames": np.array([r["filename"].decode() for r in rows]),
+  }
+
+
+def raw_arrays(split: "str | Selection", data_dir: str | None) -> dict:
+  """A split's images as stored (original sizes, (H, W, 1) uint8, in a list), with labels and file names."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  selection = split if isinstance(split, Selection) else Selection(split)
+  ds = _select(load_builder(data_dir).as_dataset(split=selection.split, shuffle_files=False), selection)
+  rows = list(tfds.as_numpy(ds.map(lambda e: {k: e[k] for k in ("image", "label", "filename", "patient_id")})))
+  return {"images": [r["image"] for r in rows], "labels": np.array([int(r["label"]) for r in rows], np.int64),
+          "filenames": np.array([r["filename"].decode() for r in rows])}

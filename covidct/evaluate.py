@@ -81,11 +81,12 @@ def evaluate_probabilities(y, p, patients, threshold: float, n_boot: int = 1000,
 
 
 def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_dir=None, split: str = "test",
-             target_sensitivity: float = 0.90, n_boot: int = 1000, seed: int = 0, arrays: dict | None = None) -> dict:
+             target_sensitivity: float = 0.90, n_boot: int = 1000, seed: int = 0, arrays: dict | None = None,
+             shortcut_audit: bool = False) -> dict:
   """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split`, with the threshold chosen on validation.
 
   `arrays` may hold preloaded {'validation': split_arrays(...), split: split_arrays(...)} to score many models
-  on the same images without reading the dataset again.
+  on the same images without reading the dataset again. `shortcut_audit` adds covidct.audit's figures.
   """
   from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
 
@@ -108,6 +109,11 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
       "predictions": [{"filename": f, "patient_id": pid, "label": int(l), "probability": float(q)}
                       for f, pid, l, q in zip(data["filenames"], data["patient_ids"], data["labels"], p)],
   }
+  if shortcut_audit:
+    from covidct.audit import audit  # pylint: disable=import-outside-toplevel
+    from covidct.data import raw_arrays  # pylint: disable=import-outside-toplevel
+
+    report["shortcut_audit"] = audit(predict, data, raw_arrays("train", data_dir), raw_arrays(split, data_dir))
   return report
 
 
@@ -134,6 +140,10 @@ def markdown(report: dict, title: str = "Evaluation") -> str:
   a, b = report["at_0.5"]["confusion_matrix"], report["at_threshold"]["confusion_matrix"]
   lines.append(f"| NonCOVID | {a['tn']} | {a['fp']} | {b['tn']} | {b['fp']} |")
   lines.append(f"| COVID | {a['fn']} | {a['tp']} | {b['fn']} | {b['tp']} |")
+  if "shortcut_audit" in report:
+    from covidct.audit import markdown as audit_markdown  # pylint: disable=import-outside-toplevel
+
+    lines += ["", audit_markdown(report["shortcut_audit"])]
   return "\n".join(lines) + "\n"
 
 

@@ -43,7 +43,7 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   step("train")
   echo("3/6 evaluation on the test split")
   runner = SavedModelRunner(out / "model" / "saved_model")
-  report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot)
+  report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot, shortcut_audit=True)
   write_report(report, out / "model" / "evaluation-test")
   step("evaluate")
   echo("4/6 export and parity")
@@ -67,12 +67,13 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
                         max_seconds=1.0, data_dir=data_dir, pipeline=False, progress=echo)
   step("bench")
   times["total"] = round(time.time() - start, 1)
-  (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench))
+  (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench,
+                                         report.get("shortcut_audit")))
   echo(f"report: {out / 'report.md'}")
   return out / "report.md"
 
 
-def _report(cfg, summary, manifest, pushed, parity_error, times, out, bench) -> str:
+def _report(cfg, summary, manifest, pushed, parity_error, times, out, bench, audit=None) -> str:
   test = manifest["metrics"]["saved_model"]["test"]
   ci = test.get("ci95", {})
   at = test["at_threshold"]
@@ -89,6 +90,10 @@ def _report(cfg, summary, manifest, pushed, parity_error, times, out, bench) -> 
   ]
   for m in ("sensitivity", "specificity", "precision", "accuracy", "f1"):
     lines.append(f"| {m} | {test['at_0.5'][m]:.3f} | {at[m]:.3f}{rng(m)} |")
+  if audit:
+    from covidct.audit import markdown as audit_markdown  # pylint: disable=import-outside-toplevel
+
+    lines += ["", audit_markdown(audit).rstrip()]
   lines += ["", "## Artifacts and parity", "",
             "| format | file | bytes | max abs diff | test ROC AUC | sensitivity | agreement | parity |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]

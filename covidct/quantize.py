@@ -288,7 +288,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
   from covidct.data import build_inputs, split_arrays  # pylint: disable=import-outside-toplevel
   from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
   from covidct.ensemble import load_member  # pylint: disable=import-outside-toplevel
-  from covidct.train import (KeepBest, _class_weight, _validation_callback,  # pylint: disable=import-outside-toplevel
+  from covidct.train import (KeepBest, class_weight, validation_callback,  # pylint: disable=import-outside-toplevel
                              export_saved_model, plot_history)
 
   if epochs < 0 or not learning_rate > 0 or calibration_images <= 0 or (temperature is not None and
@@ -321,7 +321,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
     train_ds = build_inputs("train", data_dir=data_dir, image_size=size, batch_size=batch_size, training=True,
                             augment=cfg.augment, seed=seed, shuffle_buffer=cfg.shuffle_buffer)
     val_ds = build_inputs("validation", data_dir=data_dir, image_size=size, batch_size=batch_size)
-    validation = _validation_callback(twin, val_ds)
+    validation = validation_callback(twin, val_ds)
     keep_best = KeepBest("val_auc", "max", twin)
     logs: dict = {}
     validation.on_epoch_end(0, logs)  # epoch 0: the calibrated twin, post-training int8 as simulated
@@ -332,7 +332,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
                    loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
                    metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc")])
       hist = twin.fit(train_ds, epochs=epochs, callbacks=[validation, keep_best],
-                      class_weight=_class_weight(data_dir, cfg.class_weight), verbose=verbose,
+                      class_weight=class_weight(data_dir, cfg.class_weight), verbose=verbose,
                       shuffle=False)  # the tf.data pipeline shuffles, seeded
       for k, vs in hist.history.items():
         history.setdefault(k, [float("nan")]).extend(float(v) for v in vs)

@@ -72,7 +72,7 @@ def plot_history(history: dict, path, best_epoch: int | None = None) -> None:
   plt.close(fig)
 
 
-def _validation_callback(model, val_ds):
+def validation_callback(model, val_ds):
   """Validation metrics by `predict` + scikit-learn, written into the epoch logs as val_*.
 
   Keras 3.15's `evaluate` fails under a multi-replica strategy on a partial last batch (AddN shape mismatch), and
@@ -85,8 +85,15 @@ def _validation_callback(model, val_ds):
 
   class Validation(keras.callbacks.Callback):
 
+    def __init__(self):
+      super().__init__()
+      self.labels = labels
+      self.probabilities: list[np.ndarray] = []  # one array per epoch, in the validation data's order
+
     def on_epoch_end(self, epoch, logs=None):
-      p = np.clip(model.predict(val_ds, verbose=0).reshape(-1).astype(np.float64), 1e-7, 1 - 1e-7)
+      raw = model.predict(val_ds, verbose=0).reshape(-1).astype(np.float64)
+      self.probabilities.append(raw.astype(np.float32))
+      p = np.clip(raw, 1e-7, 1 - 1e-7)
       pred = (p >= 0.5).astype(int)
       logs.update({
           "val_loss": float(skm.log_loss(labels, p, labels=[0, 1])),
@@ -121,23 +128,49 @@ def KeepBest(monitor: str, mode: str, model):  # pylint: disable=invalid-name
   return _KeepBest()
 
 
-def _class_weight(data_dir, enabled: bool):
+def class_weight(data_dir, enabled: bool, split="train"):
+  """Loss weights that balance the classes of `split` (a split name or covidct.data.Selection); None if disabled."""
   if not enabled:
     return None
-  from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from covidct.data import split_labels  # pylint: disable=import-outside-toplevel
 
-  ds = load_builder(data_dir).as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
-  labels = np.array([int(e["label"]) for e in tfds.as_numpy(ds.map(lambda e: {"label": e["label"]}))])
+  labels = split_labels(split, data_dir)["labels"]
   counts = np.bincount(labels, minlength=2)
   return {c: float(len(labels) / (2 * counts[c])) for c in (0, 1)}
 
 
-def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) -> dict:
-  """Trains `cfg` and writes `out_dir`: saved_model/, model.keras, config.json, history.json, logs/, curves.png.
+def _Deadline(deadline: float):  # pylint: disable=invalid-name
+  """A callback stopping training at the end of the first epoch that ends after `deadline` (a time.time())."""
+  import keras  # pylint: disable=import-outside-toplevel
 
-  Everything is written to a temporary sibling folder and renamed at the end: an interrupted run leaves nothing
-  under `out_dir`. Returns a summary (best epoch, validation metrics, wall time).
+  class _Stop(keras.callbacks.Callback):
+    stopped = False
+
+    def on_epoch_end(self, epoch, logs=None):
+      if time.time() > deadline:
+        self.stopped = True
+        self.model.stop_training = True
+
+  return _Stop()
+
+
+def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, train_data="train",
+          validation_data="validation", deadline: float | None = None) -> dict:
+  """Trains `cfg` and writes `out_dir`: saved_model/, model.keras, config.json, history.json, logs/, curves.png,
+  and validation_predictions.npz (the validation data's probabilities after every epoch).
+
+  Args:
+    cfg: the training config.
+    out_dir: the output folder; everything is written to a temporary sibling folder and renamed at the end, so an
+      interrupted run leaves nothing under it.
+    overwrite: replace an existing `out_dir`.
+    verbose: Keras's fit verbosity.
+    train_data, validation_data: split names or covidct.data.Selection (cross-validation folds); the epoch kept is
+      the best on `validation_data`.
+    deadline: a time.time() after which training stops at the end of the current epoch (summary['stopped']).
+
+  Returns:
+    A summary: best epoch, validation metrics, wall time.
   """
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -168,11 +201,11 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
       raise CovidctError(f"fine_tune_from applies to backbone models (mobilenet_v2_*), not {cfg.model!r}.")
     frozen_below = fine_tune_start(backbone, cfg.fine_tune_from) if backbone is not None else 0
     batch = cfg.batch_size * strategy.num_replicas_in_sync
-    train_ds = build_inputs("train", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
+    train_ds = build_inputs(train_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
                             training=True, augment=cfg.augment if augment_on == "pipeline" else None,
                             seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                             drop_remainder=strategy.num_replicas_in_sync > 1, mixup=cfg.mixup)
-    val_ds = build_inputs("validation", data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch)
+    val_ds = build_inputs(validation_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch)
     with strategy.scope():
       fit_model = model
       if augment_on == "model" and cfg.augment is not None:
@@ -180,8 +213,9 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
         fit_model = keras.Sequential([build_augmenter(cfg.augment, cfg.seed), model], name="train_wrapper")
     mode = "max" if cfg.monitor == "val_auc" else "min"
     keep_best = KeepBest(cfg.monitor, mode, model)
-    validation = _validation_callback(model, val_ds)
-    class_weight = _class_weight(cfg.data_dir, cfg.class_weight)
+    validation = validation_callback(model, val_ds)
+    weights = class_weight(cfg.data_dir, cfg.class_weight, train_data)
+    stopper = _Deadline(deadline) if deadline is not None else None
     history: dict[str, list[float]] = {}
 
     def fit(learning_rate, first_epoch, last_epoch, early_stopping: bool):
@@ -193,11 +227,15 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
                      keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
         )
       callbacks = [validation, keep_best, keras.callbacks.TensorBoard(log_dir=str(tmp / "logs"))]
+      if stopper is not None:
+        if stopper.stopped:
+          return
+        callbacks.append(stopper)
       if early_stopping:
         callbacks.insert(2, keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
                                                           patience=cfg.patience or cfg.epochs, verbose=min(verbose, 1)))
       hist = fit_model.fit(train_ds, initial_epoch=first_epoch, epochs=last_epoch, callbacks=callbacks,
-                           class_weight=class_weight, verbose=verbose, shuffle=False)  # tf.data shuffles, seeded
+                           class_weight=weights, verbose=verbose, shuffle=False)  # tf.data shuffles, seeded
       for k, vs in hist.history.items():
         history.setdefault(k, []).extend(float(v) for v in vs)
 
@@ -228,11 +266,15 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1) 
     model.save(tmp / "model.keras")
     export_saved_model(model, tmp / "saved_model", cfg.image_size)
     (tmp / "config.json").write_text(cfg.to_json())
+    np.savez(tmp / "validation_predictions.npz", probabilities=np.stack(validation.probabilities),
+             labels=validation.labels)
     plot_history(history, tmp / "curves.png", best + 1)
     summary = {
         "best_epoch": best + 1, "epochs_run": len(scores), "monitor": cfg.monitor,
         "validation": {k[4:]: history[k][best] for k in history if k.startswith("val_")},
         "augment_on": augment_on, "replicas": strategy.num_replicas_in_sync, "wall_time_s": time.time() - start,
+        "train_data": str(train_data), "validation_data": str(validation_data),
+        "stopped": bool(stopper is not None and stopper.stopped),
     }
     (tmp / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))
   return summary

@@ -1,0 +1,193 @@
+"""Patient-grouped, class-stratified k-fold cross-validation over train + validation (`covidct cv`).
+
+The 118-image validation split cannot choose between options (over 30 runs it ranked them opposite to test), so
+options are compared by cross-validation on the 543 train + validation images (289 patients): every image is
+scored once, by a model that never saw its patient. The test split is never read here.
+
+Each fold trains the full schedule (no early stopping) and records the held-out fold's probabilities after every
+epoch. The number of epochs the option should train for is the one with the best mean fold ROC AUC (the earliest
+of ties): that is the schedule a final model trained on all of train + validation runs. At that epoch, each fold's
+operating threshold is chosen on the *other* folds' out-of-fold probabilities (for the target sensitivity), so its
+sensitivity and specificity are honest; the threshold for a final model is chosen on all out-of-fold probabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from covidct.config import TrainConfig
+from covidct.errors import CovidctError
+from covidct.evaluate import choose_threshold, ranking_metrics, threshold_metrics
+from covidct.fsutil import atomic_dir
+
+CV_SPLIT = "train+validation"  # what cross-validation reads; never the test split
+DEFAULT_FOLDS = 5
+TARGET_SENSITIVITY = 0.90
+
+
+def make_folds(labels, patients, k: int = DEFAULT_FOLDS, seed: int = 0) -> np.ndarray:
+  """The fold (0..k-1) of every example: no patient in two folds, classes stratified as far as patients allow
+  (scikit-learn's StratifiedGroupKFold, shuffled by `seed`)."""
+  from sklearn.model_selection import StratifiedGroupKFold  # pylint: disable=import-outside-toplevel
+
+  labels, patients = np.asarray(labels), np.asarray(patients)
+  n_patients = len(np.unique(patients))
+  if k < 2 or k > n_patients:
+    raise CovidctError(f"cross-validation needs 2 <= k <= the number of patients ({n_patients}); got k={k}.")
+  fold = np.full(len(labels), -1, np.int64)
+  splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+  for i, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, patients)):
+    fold[held_out] = i
+  return fold
+
+
+def fold_summary(probabilities: list[np.ndarray], labels: list[np.ndarray],
+                 target_sensitivity: float = TARGET_SENSITIVITY) -> dict:
+  """Cross-validated figures from each fold's held-out probabilities by epoch ((epochs, n_i) arrays) and labels.
+
+  Returns the epoch count chosen (best mean fold ROC AUC, earliest of ties), each fold's ROC AUC, sensitivity and
+  specificity there (each fold's threshold chosen on the other folds' out-of-fold probabilities), mean and sd, and
+  the threshold chosen on all out-of-fold probabilities (for a model trained on everything).
+  """
+  epochs = min(len(p) for p in probabilities)
+  if epochs == 0:
+    raise CovidctError("no fold finished an epoch; nothing to summarise.")
+  auc_by_epoch = np.array([[ranking_metrics(y, p[e])["roc_auc"] for p, y in zip(probabilities, labels)]
+                           for e in range(epochs)])  # (epochs, folds)
+  mean_by_epoch = np.nanmean(auc_by_epoch, axis=1)
+  best = int(np.nanargmax(np.round(mean_by_epoch, 6)))  # the earliest of (rounding) ties: the cheaper schedule
+  folds = []
+  for i, (p, y) in enumerate(zip(probabilities, labels)):
+    others_y = np.concatenate([yy for j, yy in enumerate(labels) if j != i])
+    others_p = np.concatenate([pp[best] for j, pp in enumerate(probabilities) if j != i])
+    threshold = choose_threshold(others_y, others_p, target_sensitivity)
+    at = threshold_metrics(y, p[best], threshold)
+    folds.append({"fold": i, "examples": int(len(y)), "positives": int(np.sum(y)),
+                  "roc_auc": float(auc_by_epoch[best, i]), "threshold": threshold,
+                  "sensitivity": at["sensitivity"], "specificity": at["specificity"]})
+  all_y = np.concatenate(labels)
+  all_p = np.concatenate([p[best] for p in probabilities])
+
+  def stat(key):
+    values = np.array([f[key] for f in folds], np.float64)
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "se": float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0}
+
+  return {
+      "epochs": best + 1, "target_sensitivity": target_sensitivity, "folds": folds,
+      "roc_auc": stat("roc_auc"), "sensitivity": stat("sensitivity"), "specificity": stat("specificity"),
+      "mean_roc_auc_by_epoch": [float(v) for v in mean_by_epoch],
+      "pooled_roc_auc": ranking_metrics(all_y, all_p)["roc_auc"],
+      "threshold": choose_threshold(all_y, all_p, target_sensitivity),
+  }
+
+
+def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed: int = 0,
+                   target_sensitivity: float = TARGET_SENSITIVITY, max_minutes: float | None = None,
+                   overwrite: bool = False, verbose: int = 0, progress: bool = True) -> dict:
+  """Cross-validates the training config `cfg` over train + validation and writes `out_dir`.
+
+  Args:
+    cfg: the option to judge (a recipe plus overrides, as `covidct train` builds it). Its early stopping is turned
+      off: every fold trains the full schedule.
+    out_dir: written atomically: folds.json (the patients of each fold, reproducible from `fold_seed`), config.json,
+      fold_<i>/ (each fold's training output), cv.json and cv.md.
+    k: the number of folds.
+    fold_seed: shuffles the patients into folds; two options compared on the same seed share their folds.
+    target_sensitivity: what each fold's threshold is chosen for, on the other folds.
+    max_minutes: stop training at the end of the first epoch past this many minutes; folds that did not finish
+      are listed and left out of the figures.
+    overwrite: replace an existing `out_dir`.
+    verbose: Keras's fit verbosity for each fold.
+    progress: a progress bar over the folds.
+
+  Returns:
+    The summary written to cv.json.
+
+  Raises:
+    CovidctError: the output exists, k does not fit the data, or no fold finished.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  from covidct.data import Selection, split_labels  # pylint: disable=import-outside-toplevel
+  from covidct.train import train  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out_dir)
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  if not 0 < target_sensitivity <= 1:
+    raise CovidctError(f"target sensitivity must be in (0, 1], got {target_sensitivity}.")
+  meta = split_labels(CV_SPLIT, cfg.data_dir)
+  fold_of = make_folds(meta["labels"], meta["patient_ids"], k, fold_seed)
+  fold_patients = [sorted(set(meta["patient_ids"][fold_of == i])) for i in range(k)]
+  cfg = dataclasses.replace(cfg, patience=0)  # 0: no early stopping (see TrainConfig / train)
+  deadline = time.time() + 60 * max_minutes if max_minutes else None
+  with atomic_dir(out, overwrite) as tmp:
+    (tmp / "config.json").write_text(cfg.to_json())
+    (tmp / "folds.json").write_text(json.dumps({
+        "split": CV_SPLIT, "k": k, "seed": fold_seed, "grouped_by": "patient_id", "stratified_by": "label",
+        "folds": [{"fold": i, "patients": fold_patients[i], "filenames": sorted(meta["filenames"][fold_of == i]),
+                   "examples": int(np.sum(fold_of == i)), "positives": int(meta["labels"][fold_of == i].sum())}
+                  for i in range(k)]}, indent=2))
+    start = time.time()
+    probabilities, labels, times, finished, stopped = [], [], [], [], []
+    bar = tqdm(range(k), desc=f"cv {k} folds", unit="fold", disable=not progress)
+    for i in bar:
+      if deadline is not None and time.time() > deadline:
+        stopped.append(i)
+        continue
+      held_out = Selection(CV_SPLIT, tuple(fold_patients[i]))
+      summary = train(cfg, tmp / f"fold_{i}", verbose=verbose, train_data=dataclasses.replace(held_out, exclude=True),
+                      validation_data=held_out, deadline=deadline)
+      if summary["stopped"]:
+        stopped.append(i)
+        continue
+      saved = np.load(tmp / f"fold_{i}" / "validation_predictions.npz")
+      probabilities.append(saved["probabilities"])
+      labels.append(saved["labels"])
+      times.append(summary["wall_time_s"])
+      finished.append(i)
+      bar.set_postfix(fold_auc=f"{ranking_metrics(saved['labels'], saved['probabilities'][-1])['roc_auc']:.3f}")
+    if len(finished) < 2:
+      raise CovidctError(f"only {len(finished)} of {k} folds finished within --max-minutes {max_minutes}; "
+                         "cross-validation needs at least 2: allow more time.")
+    result = fold_summary(probabilities, labels, target_sensitivity)
+    for f, i, seconds in zip(result["folds"], finished, times):
+      f["fold"], f["train_minutes"] = i, seconds / 60
+    result.update(k=k, fold_seed=fold_seed, finished_folds=finished, stopped_folds=stopped,
+                  train_minutes={"mean": float(np.mean(times) / 60), "total": float(np.sum(times) / 60)},
+                  wall_minutes=(time.time() - start) / 60, recipe=cfg.recipe, model=cfg.model,
+                  image_size=cfg.image_size, seed=cfg.seed)
+    (tmp / "cv.json").write_text(json.dumps(result, indent=2))
+    (tmp / "cv.md").write_text(markdown(result))
+  return result
+
+
+def markdown(result: dict) -> str:
+  """The cross-validation report: one row per fold, then mean +- sd."""
+  def ms(key, digits=3):
+    return f"{result[key]['mean']:.{digits}f} +- {result[key]['sd']:.{digits}f}"
+
+  lines = [f"# Cross-validation: {result['recipe']} ({result['model']}, {result['image_size']} px, seed {result['seed']})",
+           "",
+           f"{len(result['finished_folds'])} of {result['k']} patient-grouped folds of train + validation (fold seed "
+           f"{result['fold_seed']}); the test split was not read. Every fold trained the full schedule; the figures "
+           f"are at epoch {result['epochs']}, the best mean fold ROC AUC. Each fold's threshold was chosen on the other "
+           f"folds' out-of-fold probabilities for sensitivity {result['target_sensitivity']:.2f}.", ""]
+  if result["stopped_folds"]:
+    lines += [f"Folds {result['stopped_folds']} did not finish within the time limit and are left out.", ""]
+  lines += ["| fold | images | COVID | ROC AUC | threshold | sensitivity | specificity | training minutes |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for f in result["folds"]:
+    lines.append(f"| {f['fold']} | {f['examples']} | {f['positives']} | {f['roc_auc']:.3f} | {f['threshold']:.4f} "
+                 f"| {f['sensitivity']:.3f} | {f['specificity']:.3f} | {f['train_minutes']:.1f} |")
+  lines += [f"| mean +- sd | | | {ms('roc_auc')} | | {ms('sensitivity')} | {ms('specificity')} "
+            f"| {result['train_minutes']['mean']:.1f} |", "",
+            f"Pooled out-of-fold ROC AUC {result['pooled_roc_auc']:.3f}; threshold for a model trained on all of "
+            f"train + validation for {result['epochs']} epochs: {result['threshold']:.4f}."]
+  return "\n".join(lines) + "\n"
