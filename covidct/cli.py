@@ -503,10 +503,11 @@ def predict_cmd(images, model_path, threshold, as_json):
   """Probability of COVID and a label for each image file."""
   from covidct.predict import predict_files  # pylint: disable=import-outside-toplevel
 
-  results, errors = predict_files(model_path, images, threshold)
+  results, errors, source = predict_files(model_path, images, threshold)
   if as_json:
-    click.echo(json.dumps({"results": results, "errors": errors}, indent=2))
+    click.echo(json.dumps({"results": results, "errors": errors, "threshold": source}, indent=2))
   else:
+    click.echo(f"threshold {source['value']:.4f} (from {source['from']})")
     for r in results:
       click.echo(f"{r['probability']:.4f}  {r['label']:<8}  {r['file']}")
   for e in errors:

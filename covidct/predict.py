@@ -1,21 +1,35 @@
-"""Score image files with any artifact: the same decode + resize as training, then the model."""
+"""Score image files with any artifact: the same decode + resize as training, then the model, in batches."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+from typing import Iterable, Iterator
 
 from covidct.errors import CovidctError
 
+BATCH_SIZE = 64  # images decoded and held at once: memory stays flat however many files there are
 
-def find_threshold(model_path) -> float | None:
-  """The operating threshold from a manifest.json beside or above the artifact, if there is one."""
+
+def find_threshold(model_path) -> tuple[float, str] | None:
+  """The operating threshold from a manifest.json beside or above the artifact, and that file's path; None if no
+  manifest is found."""
   p = pathlib.Path(model_path).resolve()
   for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent]:
     for cand in (d / "manifest.json", d / "assets.extra" / "manifest.json"):
       if cand.exists():
-        return float(json.loads(cand.read_text())["operating_threshold"]["value"])
+        try:
+          return float(json.loads(cand.read_text())["operating_threshold"]["value"]), str(cand)
+        except (ValueError, KeyError, TypeError) as e:
+          raise CovidctError(f"{cand}: not a covidct manifest ({type(e).__name__}: {e}); export the model again, "
+                             "or pass --threshold.") from None
   return None
+
+
+def check_threshold(threshold: float) -> float:
+  if not 0 < threshold < 1:
+    raise CovidctError(f"the threshold must be a probability strictly between 0 and 1, got {threshold}.")
+  return float(threshold)
 
 
 def load_image(path, size: int):
@@ -29,29 +43,56 @@ def load_image(path, size: int):
   try:
     image, _ = decode_grayscale(path.read_bytes(), str(path))
   except CovidCtError as e:
-    raise CovidctError(f"{path}: not a readable image (PNG or JPEG expected).") from e
+    if "claims" in str(e):
+      raise CovidctError(str(e)) from e
+    raise CovidctError(f"{path}: not a readable image (PNG, JPEG or TIFF expected).") from e
+  except OSError as e:
+    raise CovidctError(f"{path}: cannot be read ({e.strerror or e}).") from e
   return resize_image(image, size).numpy()
 
 
-def predict_files(model_path, files, threshold: float | None = None) -> tuple[list[dict], list[str]]:
-  """Scores every readable file; returns (results, errors). One bad file never stops the others."""
+def predictions(runner, files: Iterable, threshold: float, batch_size: int | None = None) -> Iterator[dict]:
+  """One dict per file, in order: {'file', 'probability', 'label', 'threshold'} or {'file', 'error'}. Files are
+  decoded and scored `batch_size` at a time; one bad file never stops the others."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
+  def flush(batch):
+    good = [(f, im) for f, im in batch if not isinstance(im, str)]
+    probs = iter(runner(np.stack([im for _, im in good])) if good else [])
+    for f, im in batch:
+      if isinstance(im, str):
+        yield {"file": f, "error": im}
+      else:
+        p = float(next(probs))
+        yield {"file": f, "probability": p, "label": "COVID" if p >= threshold else "NonCOVID", "threshold": threshold}
+
+  batch_size = batch_size or BATCH_SIZE
+  batch = []
+  for f in files:
+    try:
+      batch.append((str(f), load_image(f, runner.image_size)))
+    except CovidctError as e:
+      batch.append((str(f), str(e)))
+    if len(batch) == batch_size:
+      yield from flush(batch)
+      batch = []
+  yield from flush(batch)
+
+
+def predict_files(model_path, files, threshold: float | None = None) -> tuple[list[dict], list[str], dict]:
+  """Scores every readable file; returns (results, errors, where the threshold came from)."""
   from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
   runner = load_runner(model_path)
-  if threshold is None:
-    threshold = find_threshold(model_path) or 0.5
-  images, names, errors = [], [], []
-  for f in files:
-    try:
-      images.append(load_image(f, runner.image_size))
-      names.append(str(f))
-    except CovidctError as e:
-      errors.append(str(e))
-  results = []
-  if images:
-    probs = runner(np.stack(images))
-    results = [{"file": n, "probability": float(p), "label": "COVID" if p >= threshold else "NonCOVID",
-                "threshold": threshold} for n, p in zip(names, probs)]
-  return results, errors
+  if threshold is not None:
+    source = {"value": check_threshold(threshold), "from": "--threshold"}
+  else:
+    found = find_threshold(model_path)
+    source = {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
+  results, errors = [], []
+  for r in predictions(runner, files, source["value"]):
+    if "error" in r:
+      errors.append(r["error"])
+    else:
+      results.append(r)
+  return results, errors, source

@@ -30,9 +30,28 @@ class Runner:
       raise CovidctError(f"{self.kind}: expected images of shape (N, {self.image_size}, {self.image_size}, 1), "
                          f"got {images.shape}; resize with covidct.data.resize_image first.")
     images = images.astype(np.uint8, copy=False)
-    out = [np.asarray(self._run(images[i:i + batch_size]), dtype=np.float32).reshape(-1)
+    out = [self._checked(self._run(images[i:i + batch_size]), len(images[i:i + batch_size]))
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+  def _checked(self, output, n: int) -> np.ndarray:
+    """The model's output as n probabilities, or a CovidctError naming the model: a damaged or foreign model must
+    never turn into labels."""
+    what = f"{self.kind} model {getattr(self, 'path', '')}".rstrip()
+    try:
+      p = np.asarray(output, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+      raise CovidctError(f"{what} returned something that is not numbers; it is not a covidct model.") from None
+    if p.shape != (n,):
+      raise CovidctError(f"{what} returned {p.size} values for {n} images; expected one probability per image "
+                         "(output 'covid_probability', shape (N, 1)).")
+    if not np.all(np.isfinite(p)):
+      raise CovidctError(f"{what} returned {int(np.sum(~np.isfinite(p)))} non-finite values (NaN or inf) for {n} "
+                         "images; the file is damaged: export it again.")
+    if p.min() < 0 or p.max() > 1:
+      raise CovidctError(f"{what} returned values outside [0, 1] ({p.min():.4g} to {p.max():.4g}); it does not "
+                         "output P(COVID): it is not a covidct model, or it is damaged.")
+    return p
 
   def _run(self, batch: np.ndarray) -> np.ndarray:
     raise NotImplementedError

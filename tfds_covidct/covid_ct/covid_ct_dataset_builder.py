@@ -184,19 +184,39 @@ def read_index(paths: dict[str, epath.Path], expected_counts=None) -> dict[str, 
   return index
 
 
-def decode_grayscale(data: bytes, where: str) -> tuple[np.ndarray, str]:
-  """Decodes PNG/JPEG bytes to a (H, W, 1) uint8 array and the file's original colour mode.
+MAX_PIXELS = 40_000_000  # larger than any CT slice or figure (upstream's largest is 1225 x 1671): refused unread
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit integer) grayscale
 
-  RGB and RGBA become grayscale by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha is dropped.
+
+def decode_grayscale(data: bytes, where: str) -> tuple[np.ndarray, str]:
+  """Decodes PNG/JPEG/TIFF bytes to a (H, W, 1) uint8 array and the file's original colour mode.
+
+  RGB and RGBA become grayscale by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); alpha is dropped. 16-bit
+  grayscale is scaled to 8 bits as the PNG specification scales sample depths (divided by 257, rounded: a 16-bit
+  copy of an 8-bit image decodes to that image), not clipped. An image claiming more than MAX_PIXELS pixels is
+  refused from its header, before any pixel is decoded (a decompression bomb).
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel
 
   try:
     with Image.open(io.BytesIO(data)) as im:
+      width, height = im.size
+      if width * height > MAX_PIXELS:
+        raise CovidCtError(f"{where}: the image claims {width} x {height} pixels, over the limit of "
+                           f"{MAX_PIXELS:,}; not decoded (a CT slice is at most a few thousand pixels a side).")
       im.load()
       mode = im.mode
+      if mode in _WIDE_MODES:
+        wide = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or wide.max() <= 65535 else float(wide.max())
+        return np.round(np.clip(wide, 0, top) * (255.0 / top)).astype(np.uint8)[..., None], mode
       rgb = im if mode in ("L", "RGB") else im.convert("RGB")
       gray = rgb.convert("L")
+  except CovidCtError:
+    raise
+  except Image.DecompressionBombError as e:  # Pillow's own guard, for sizes far past ours
+    raise CovidCtError(f"{where}: the image claims more pixels than the limit of {MAX_PIXELS:,} ({e}); not "
+                       "decoded.") from e
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
     raise CovidCtError(f"{where}: not a readable image ({e}). Replace the file with the upstream one.") from e
   return np.asarray(gray, dtype=np.uint8)[..., None], mode
