@@ -516,6 +516,24 @@ def predict_cmd(images, model_path, threshold, as_json):
     raise SystemExit(1)
 
 
+@main.command("verify")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path())
+@_friendly
+def verify_cmd(artifacts):
+  """Replay each exported ARTIFACT's test vectors (kept beside it by `covidct export`) on the runtime installed here;
+  exit 1 if any copy is off."""
+  from export.meaning import verify  # pylint: disable=import-outside-toplevel
+
+  failed = 0
+  for artifact in artifacts:
+    r = verify(artifact)
+    failed += not r["passed"]
+    click.echo(f"{'pass' if r['passed'] else 'FAIL'}  {r['artifact']}: max |difference| {r['max_abs_diff']:.2e} from "
+               f"the SavedModel on {r['images']} test images (tolerance {r['tolerance']:.2e}, {r['runtime']} here)")
+  if failed:
+    raise click.ClickException(f"{failed} of {len(artifacts)} artifact(s) do not give the SavedModel's answers here.")
+
+
 def _int_list(ctx, param, value):
   try:
     out = tuple(int(v) for v in value.split(","))

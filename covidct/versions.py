@@ -8,7 +8,7 @@ import platform
 import re
 from importlib import metadata
 
-LIBRARIES = ("tensorflow", "keras", "tensorflow-datasets", "tf2onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
+LIBRARIES = ("covidct", "tensorflow", "keras", "tensorflow-datasets", "tf2onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
              "ai-edge-litert", "scikit-learn", "numpy")
 
 

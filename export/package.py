@@ -21,6 +21,7 @@ from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
 from covidct.versions import cpu_kind, library_versions
 from export.errors import ParityError
 from export.formats import export_format, parse_formats, sha256
+from export.meaning import LABELS, N_VECTORS, onnx_metadata, vector_tolerance, write_vectors
 from export.parity import check_parity, write_report
 
 PREPROCESSING = ("decode to grayscale uint8 (RGB/RGBA by ITU-R 601-2 luma), resize to SxS bilinear with "
@@ -65,17 +66,36 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   threshold = ref_test["threshold"]["value"]
   ref_probs = np.array([r["probability"] for r in ref_test["predictions"]])
 
+  base = {  # what every copy means: in the manifest, and in each .onnx's own metadata
+      "labels": list(LABELS),
+      "input": {"name": INPUT_NAME, "shape": [None, size, size, 1], "dtype": "uint8"},
+      "output": {"name": OUTPUT_NAME, "shape": [None, 1], "dtype": "float32", "meaning": "P(COVID)"},
+      "preprocessing": PREPROCESSING.replace("SxS", f"{size}x{size}"),
+      "operating_threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
+                              "chosen_on": "validation"},
+  }
   with atomic_dir(out, overwrite) as tmp:
     shutil.copytree(saved_model, tmp / "saved_model")
     results, parity = {}, []
     for fmt in (["onnx_float32"] if "onnx_int8" in formats and "onnx_float32" not in formats else []) + formats:
       progress(f"exporting {fmt}")
       onnx_float = results["onnx_float32"].path if "onnx_float32" in results else None
-      results[fmt] = export_format(fmt, tmp / "saved_model", tmp, reps, onnx_float)
+      result = export_format(fmt, tmp / "saved_model", tmp, reps, onnx_float)
+      if result.path.endswith(".onnx"):
+        onnx_metadata(result.path, base, fmt, library_versions().get("covidct") or "dev")
+        result = dataclasses.replace(result, size_bytes=os.path.getsize(result.path), sha256=sha256(result.path))
+      results[fmt] = result
+    vectors = {}
     for fmt in formats:
       progress(f"checking parity of {fmt}")
-      parity.append(check_parity(reference, load_runner(results[fmt].path), fmt, arrays["test"], threshold, ref_probs,
+      candidate = load_runner(results[fmt].path)
+      parity.append(check_parity(reference, candidate, fmt, arrays["test"], threshold, ref_probs,
                                  quantized_reference=quantization_aware))
+      images, want = arrays["test"]["images"][:N_VECTORS], ref_probs[:N_VECTORS]
+      measured = float(np.max(np.abs(candidate(images) - want))) if len(want) else 0.0
+      tolerance = vector_tolerance(parity[-1].tolerance, measured)
+      vectors[fmt] = {"path": write_vectors(tmp, os.path.basename(results[fmt].path), images, want, tolerance),
+                      "images": int(len(images)), "tolerance": tolerance}
     if "onnx_int8" in formats and "onnx_float32" not in formats:
       pathlib.Path(results.pop("onnx_float32").path).unlink()
     # Paths relative to the export folder (the temporary folder's name is gone once it is renamed).
@@ -89,13 +109,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_model": str(pathlib.Path(model_dir).resolve()),
-        "labels": ["NonCOVID", "COVID"],
-        "input": {"name": INPUT_NAME, "shape": [None, size, size, 1], "dtype": "uint8"},
-        "output": {"name": OUTPUT_NAME, "shape": [None, 1], "dtype": "float32", "meaning": "P(COVID)"},
-        "preprocessing": PREPROCESSING.replace("SxS", f"{size}x{size}"),
+        **base,
         "quantization_aware": quantization_aware,
-        "operating_threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
-                                "chosen_on": "validation"},
         "metrics": {"saved_model": {"validation": _summary(ref_val), "test": _summary(ref_test)}},
         "artifacts": {},
         "parity_passed": report["passed"],
@@ -107,6 +122,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       manifest["artifacts"][r.format] = {
           "file": os.path.basename(res.path), "bytes": res.size_bytes, "sha256": res.sha256,
           "export_seconds": round(res.seconds, 2), "parity": r.to_dict(), **res.details,
+          "test_vectors": vectors[r.format],
           **({"onnxruntime_session_config": ONNX_SESSION_CONFIG} if r.format.startswith("onnx") else {})}
       manifest["metrics"][r.format] = {"test": {"roc_auc": r.roc_auc, "sensitivity": r.sensitivity,
                                                 "specificity": r.specificity, "agreement": r.agreement}}
