@@ -462,16 +462,21 @@ def export_cmd(model_dir, out_dir, formats, calibration_images, n_boot, data_dir
 @click.argument("export_dir", type=click.Path(), required=False)
 @click.option("--serving", "serving_dir", required=True, type=click.Path(file_okay=False),
               help="The serving folder: versions go to SERVING/<N>/.")
-@click.option("--min-roc-auc", default=0.70, show_default=True, help="Bless only at or above this validation AUC.")
-@click.option("--min-sensitivity", default=0.85, show_default=True,
-              help="Bless only at or above this validation sensitivity at the operating threshold.")
-@click.option("--max-regression", default=0.02, show_default=True,
-              help="Bless only if validation AUC is at most this much below the current blessed version's.")
+@click.option("--min-roc-auc", type=float, default=None, help="Bless only at or above this test ROC AUC (default 0.70).")
+@click.option("--min-sensitivity", type=float, default=None,
+              help="Bless only at or above this test sensitivity at the shipped threshold (default 0.75).")
+@click.option("--min-specificity", type=float, default=None,
+              help="Bless only at or above this test specificity at the shipped threshold (default 0.50).")
+@click.option("--max-regression", type=float, default=None,
+              help="Bless only if test ROC AUC is at most this much below the last blessed version's (default 0.02).")
 @click.option("--force", is_flag=True, help="Push even when not blessed (recorded as forced).")
 @click.option("--list", "list_only", is_flag=True, help="List the pushed versions with their metrics.")
+@_DATA_DIR
 @_friendly
-def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, max_regression, force, list_only):
-  """Bless EXPORT_DIR and push it to SERVING/<N>/ (or --list the versions)."""
+def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, min_specificity, max_regression, force, list_only,
+             data_dir):
+  """Verify EXPORT_DIR, measure it on the test split, bless it and push it to SERVING/<N>/ (or --list the versions)."""
+  from covidct.config import GateConfig  # pylint: disable=import-outside-toplevel
   from covidct.push import push, versions  # pylint: disable=import-outside-toplevel
 
   if list_only:
@@ -479,14 +484,17 @@ def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, max_regressi
     if not rows:
       click.echo(f"no versions in {serving_dir}")
     for v in rows:
-      val = v.get("validation", {})
+      test = v.get("test", {})
       click.echo(f"{v['version']:>4}  {'blessed' if v.get('blessed') else 'FORCED' if v.get('forced') else '-':<8} "
-                 f"val AUC {val.get('roc_auc', float('nan')):.3f}  val sens {val.get('sensitivity', float('nan')):.3f}  "
-                 f"test AUC {v.get('test_roc_auc', float('nan')):.3f}  {v.get('pushed', '')}")
+                 f"test AUC {test.get('roc_auc', v.get('test_roc_auc', float('nan'))):.3f}  "
+                 f"sens {test.get('sensitivity', float('nan')):.3f}  spec {test.get('specificity', float('nan')):.3f}  "
+                 f"{v.get('pushed', '')}")
     return
   if export_dir is None:
     raise click.UsageError("EXPORT_DIR is required unless --list is given.")
-  info = push(export_dir, serving_dir, min_roc_auc, min_sensitivity, max_regression, force)
+  gate = GateConfig(**_given(min_roc_auc=min_roc_auc, min_sensitivity=min_sensitivity,
+                             min_specificity=min_specificity, max_regression=max_regression))
+  info = push(export_dir, serving_dir, gate, data_dir=data_dir, force=force)
   state = "blessed" if info["blessed"] else "NOT blessed, forced"
   click.echo(f"pushed version {info['version']} ({state}) to {info['path']}")
 

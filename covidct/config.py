@@ -179,6 +179,25 @@ def resolve(recipe: str = "default", **overrides) -> TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """When `covidct push` blesses a model: on its test split figures, recomputed from the SavedModel at push time
+  (the test split chose nothing: the threshold was chosen on validation), against fixed floors and against the last
+  blessed version. The floors are the least any shipped version may do; the specificity floor refuses a threshold
+  pushed down until everything is called COVID."""
+
+  min_roc_auc: float = 0.70
+  min_sensitivity: float = 0.75  # at the shipped operating threshold
+  min_specificity: float = 0.50  # at the shipped operating threshold
+  max_regression: float = 0.02  # test ROC AUC at most this far below the last blessed version's
+
+  def __post_init__(self):
+    for name in ("min_roc_auc", "min_sensitivity", "min_specificity", "max_regression"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise CovidctError(f"{name} must be a number from 0 to 1, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainConfig:
   """Self-supervised (SimCLR) pretraining of a backbone on unlabeled images, before `finetune` (covidct.pretrain)."""
 

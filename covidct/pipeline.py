@@ -56,7 +56,7 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   step("export")
   echo("5/6 bless and push")
   try:
-    pushed = push(out / "export", out / "serving", force=force_push)
+    pushed = push(out / "export", out / "serving", data_dir=data_dir, force=force_push)
   except CovidctError as e:
     pushed = {"version": None, "blessed": False, "reasons": [str(e)]}
   step("push")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,25 +23,63 @@ def versions(serving_dir) -> list[dict]:
   return out
 
 
-def bless(manifest: dict, current: dict | None, min_roc_auc: float, min_sensitivity: float, max_regression: float
-          ) -> tuple[bool, list[str], dict]:
-  """Validation metrics against thresholds, and against the current blessed model (no worse by > max_regression)."""
-  val = manifest["metrics"]["saved_model"]["validation"]
-  metrics = {"roc_auc": val["roc_auc"], "sensitivity": val["at_threshold"]["sensitivity"],
-             "specificity": val["at_threshold"]["specificity"]}
+def check_files(src: pathlib.Path, manifest: dict) -> None:
+  """Raises unless the export folder holds exactly the files its manifest lists, with their sizes and SHA-256, and
+  no symbolic link (a link would ship whatever it points to)."""
+  from export.formats import sha256  # pylint: disable=import-outside-toplevel
+
+  listed = manifest.get("files")
+  if not isinstance(listed, dict) or not listed:
+    raise CovidctError(f"{src}/manifest.json lists no files; export the model again with `covidct export`.")
+  present = {}
+  for p in sorted(src.rglob("*")):
+    if p.is_symlink():
+      raise CovidctError(f"{p} is a symbolic link; an export ships its own files only. Export again.")
+    if p.is_file() and p.name != "manifest.json":
+      present[str(p.relative_to(src))] = p
+  unlisted = sorted(set(present) - set(listed))
+  if unlisted:
+    raise CovidctError(f"{src} holds files its manifest does not list ({', '.join(unlisted[:3])}); export again.")
+  for name, info in listed.items():
+    p = present.get(name)
+    if p is None:
+      raise CovidctError(f"{src}/{name} is listed in the manifest but missing; export again.")
+    if p.stat().st_size != info.get("bytes") or sha256(p) != info.get("sha256"):
+      raise CovidctError(f"{src}/{name} does not match its SHA-256 in the manifest (changed or damaged); export "
+                         "again.")
+
+
+def measure(src: pathlib.Path, threshold: float, data_dir=None) -> dict:
+  """The SavedModel's test split figures at `threshold`, computed now (not read from a file the export wrote)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.evaluate import ranking_metrics, threshold_metrics  # pylint: disable=import-outside-toplevel
+  from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
+
+  runner = SavedModelRunner(src / "saved_model")
+  test = split_arrays("test", data_dir, runner.image_size)
+  p = runner(test["images"])
+  at = threshold_metrics(test["labels"], p, threshold)
+  return {"split": "test", "examples": int(len(p)), "roc_auc": ranking_metrics(test["labels"], np.asarray(p))["roc_auc"],
+          "threshold": threshold, "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
+
+
+def bless(measured: dict, current: dict | None, gate, parity_passed: bool) -> tuple[bool, list[str]]:
+  """Test figures against the gate's floors and against the last blessed version's (no worse by more than
+  gate.max_regression); returns (blessed, reasons it is not)."""
   reasons = []
-  if metrics["roc_auc"] < min_roc_auc:
-    reasons.append(f"validation ROC AUC {metrics['roc_auc']:.3f} < {min_roc_auc}")
-  if metrics["sensitivity"] < min_sensitivity:
-    reasons.append(f"validation sensitivity {metrics['sensitivity']:.3f} < {min_sensitivity}")
-  if current is not None:
-    best = current["validation"]["roc_auc"]
-    if metrics["roc_auc"] < best - max_regression:
-      reasons.append(f"validation ROC AUC {metrics['roc_auc']:.3f} is worse than blessed version "
-                     f"{current['version']} ({best:.3f}) by more than {max_regression}")
-  if not manifest.get("parity_passed", False):
+  for key, floor in (("roc_auc", gate.min_roc_auc), ("sensitivity", gate.min_sensitivity),
+                     ("specificity", gate.min_specificity)):
+    if measured[key] < floor:
+      reasons.append(f"test {key.replace('_', ' ')} {measured[key]:.3f} < {floor}")
+  best = (current or {}).get("test", {}).get("roc_auc")
+  if best is not None and measured["roc_auc"] < best - gate.max_regression:
+    reasons.append(f"test ROC AUC {measured['roc_auc']:.3f} is worse than blessed version {current['version']} "
+                   f"({best:.3f}) by more than {gate.max_regression}")
+  if not parity_passed:
     reasons.append("the export failed parity")
-  return not reasons, reasons, metrics
+  return not reasons, reasons
 
 
 def model_card(manifest: dict, version: int) -> str:
@@ -92,17 +131,32 @@ Confidence intervals: bootstrap over patients.
 """
 
 
-def push(export_dir, serving_dir, min_roc_auc: float = 0.70, min_sensitivity: float = 0.85,
-         max_regression: float = 0.02, force: bool = False) -> dict:
-  """Blesses the export in `export_dir` and, when blessed (or forced), copies it to serving_dir/<N>/ atomically."""
+def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False) -> dict:
+  """Checks the export's files against its manifest, measures its SavedModel on the test split, blesses it against
+  `gate` (covidct.config.GateConfig) and, when blessed (or forced), copies it to serving_dir/<N>/ atomically.
+
+  Raises:
+    CovidctError: the export is damaged, changed or incomplete (never pushed, even with `force`), or not blessed
+      and not forced.
+  """
+  from covidct.config import GateConfig  # pylint: disable=import-outside-toplevel
+
+  gate = gate or GateConfig()
   src = pathlib.Path(export_dir)
   if not (src / "manifest.json").exists():
     raise CovidctError(f"{src} has no manifest.json; pass a folder written by `covidct export`.")
-  manifest = json.loads((src / "manifest.json").read_text())
+  try:
+    manifest = json.loads((src / "manifest.json").read_text())
+    threshold = float(manifest["operating_threshold"]["value"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise CovidctError(f"{src}/manifest.json is not a covidct manifest ({type(e).__name__}: {e}); export again.") \
+        from None
+  check_files(src, manifest)
+  measured = measure(src, threshold, data_dir)
   root = pathlib.Path(serving_dir)
   existing = versions(root)
   blessed = [v for v in existing if v.get("blessed")]
-  ok, reasons, metrics = bless(manifest, blessed[-1] if blessed else None, min_roc_auc, min_sensitivity, max_regression)
+  ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, bool(manifest.get("parity_passed")))
   if not ok and not force:
     raise CovidctError("not blessed: " + "; ".join(reasons) + ". Improve the model, or pass --force to push anyway.")
   version = (existing[-1]["version"] + 1) if existing else 1
@@ -116,8 +170,8 @@ def push(export_dir, serving_dir, min_roc_auc: float = 0.70, min_sensitivity: fl
     for p in src.iterdir():
       if p.is_file():
         shutil.copy2(p, extra / p.name)
-    info = {"blessed": ok, "forced": bool(force and not ok), "reasons": reasons, "validation": metrics,
-            "test_roc_auc": manifest["metrics"]["saved_model"]["test"]["roc_auc"], "source": str(src.resolve()),
+    info = {"blessed": ok, "forced": bool(force and not ok), "reasons": reasons, "test": measured,
+            "gate": dataclasses.asdict(gate), "source": str(src.resolve()),
             "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (tmp / "blessing.json").write_text(json.dumps(info, indent=2))
     (tmp / "MODEL_CARD.md").write_text(model_card(manifest, version))
