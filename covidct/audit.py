@@ -117,14 +117,14 @@ def statistics_auc(train: dict, split: dict) -> dict:
           "coefficients": {name: float(c) for name, c in zip(STATISTICS, coef)}}
 
 
-def audit(predict, arrays: dict, raw_train: dict, raw_split: dict) -> dict:
+def audit(predict, arrays: dict, raw_train: dict | None, raw_split: dict | None) -> dict:
   """The shortcut audit of `predict` (uint8 (N, S, S, 1) -> P(COVID)) on one split.
 
   Args:
     predict: the model, as a runner.
     arrays: the split as the model sees it (covidct.data.split_arrays: resized 'images', 'labels').
     raw_train, raw_split: the train split and this split as stored (covidct.data.raw_arrays), for the
-      image-statistics baseline.
+      image-statistics baseline; None leaves it out (a user's folder has no train split to fit it on).
 
   Returns:
     ROC AUC on full images, with the lungs hidden and on the lungs only; the image-statistics baseline; how the
@@ -140,7 +140,7 @@ def audit(predict, arrays: dict, raw_train: dict, raw_split: dict) -> dict:
   share = masks.reshape(len(masks), -1).mean(axis=1) if len(masks) else np.zeros(0)
   return {
       "roc_auc": auc,
-      "image_statistics": statistics_auc(raw_train, raw_split),
+      "image_statistics": statistics_auc(raw_train, raw_split) if raw_train and raw_split else None,
       "segmentation": {"images": int(len(masks)), "without_lung_field": int(np.sum(share == 0)),
                        "median_lung_share": float(np.median(share)) if len(share) else float("nan")},
   }
@@ -149,15 +149,18 @@ def audit(predict, arrays: dict, raw_train: dict, raw_split: dict) -> dict:
 def markdown(result: dict) -> str:
   """The audit as a report section."""
   auc, stats, seg = result["roc_auc"], result["image_statistics"], result["segmentation"]
-  strongest = max(stats["coefficients"].items(), key=lambda kv: abs(kv[1]))
-  return "\n".join([
-      "## Shortcut audit: does the model read the lungs?", "",
-      "| input | ROC AUC | a model that reads the lungs |", "| --- | ---: | --- |",
-      f"| full image | {auc['full']:.3f} | |",
-      f"| lungs hidden (lung field filled with its mean grey) | {auc['lungs_hidden']:.3f} | falls to about 0.5 |",
-      f"| lungs only (everything else black) | {auc['lungs_only']:.3f} | keeps the full-image score |",
-      f"| image statistics alone, no model (logistic regression fitted on train) | {stats['roc_auc']:.3f} | - |", "",
-      f"Image statistics: {', '.join(STATISTICS)}; the largest standardised coefficient is {strongest[0]} "
-      f"({strongest[1]:+.2f}). Lung field: classical segmentation (covidct.audit.lung_mask); "
-      f"{seg['without_lung_field']} of {seg['images']} images had none (scored as they are), median lung share "
-      f"{seg['median_lung_share']:.2f}.", ""])
+  lines = ["## Shortcut audit: does the model read the lungs?", "",
+           "| input | ROC AUC | a model that reads the lungs |", "| --- | ---: | --- |",
+           f"| full image | {auc['full']:.3f} | |",
+           f"| lungs hidden (lung field filled with its mean grey) | {auc['lungs_hidden']:.3f} | falls to about 0.5 |",
+           f"| lungs only (everything else black) | {auc['lungs_only']:.3f} | keeps the full-image score |"]
+  note = ""
+  if stats:
+    strongest = max(stats["coefficients"].items(), key=lambda kv: abs(kv[1]))
+    lines.append(f"| image statistics alone, no model (logistic regression fitted on train) | {stats['roc_auc']:.3f} "
+                 "| - |")
+    note = (f"Image statistics: {', '.join(STATISTICS)}; the largest standardised coefficient is {strongest[0]} "
+            f"({strongest[1]:+.2f}). ")
+  return "\n".join(lines + ["", note + "Lung field: classical segmentation (covidct.audit.lung_mask); "
+                             f"{seg['without_lung_field']} of {seg['images']} images had none (scored as they are), "
+                             f"median lung share {seg['median_lung_share']:.2f}.", ""])

@@ -126,10 +126,12 @@ def markdown(report: dict, title: str = "Evaluation") -> str:
   t, ci = report["threshold"], report.get("ci95", {})
   lines = [
       f"# {title}", "",
-      f"Split `{report['split']}`: {report['examples']} images ({report['positives']} COVID) from "
-      f"{report['patients']} patients. Operating threshold {t['value']:.4f}, chosen on validation for sensitivity "
-      f">= {t['target_sensitivity']:.2f}. 95% CIs: bootstrap over patients ({report['bootstrap']['resamples']} "
-      "resamples).", "",
+      f"{'Split' if report['split'] in ('train', 'validation', 'test') else 'Data'} `{report['split']}`: "
+      f"{report['examples']} images ({report['positives']} COVID) from {report['patients']} "
+      f"{report['bootstrap']['unit']}s. Operating threshold {t['value']:.4f}, "
+      + (f"chosen on validation for sensitivity >= {t['target_sensitivity']:.2f}" if t.get("chosen_on") == "validation"
+         else f"the model's own ({t.get('from')})")
+      + f". 95% CIs: bootstrap over {report['bootstrap']['unit']}s ({report['bootstrap']['resamples']} resamples).", "",
       f"ROC AUC {_fmt(report['roc_auc'], ci.get('roc_auc'))}, PR AUC {_fmt(report['pr_auc'], ci.get('pr_auc'))}", "",
       "| metric | at 0.5 | at operating threshold (95% CI) |", "| --- | ---: | ---: |",
   ]
@@ -195,3 +197,78 @@ def write_report(report: dict, out_dir, overwrite: bool = False, title: str = "E
     (tmp / "report.md").write_text(markdown(report, title))
     plot_report(report, tmp)
   return pathlib.Path(out_dir)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+CLASS_FOLDERS = ("NonCOVID", "COVID")  # label 0, label 1
+
+
+def folder_arrays(folder, image_size: int, patients_csv=None) -> dict:
+  """A user's labelled images (FOLDER/COVID/*, FOLDER/NonCOVID/*; PNG, JPEG, TIFF, 16-bit too) as split_arrays
+  gives a split: resized images, labels, file names, and patient ids from `patients_csv` (columns file,patient_id;
+  file relative to FOLDER) or, without it, one id per image.
+
+  Raises:
+    CovidctError: a class folder missing or empty, an image that cannot be read, a patients file that does not
+      cover every image.
+  """
+  import csv  # pylint: disable=import-outside-toplevel
+
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.predict import load_image  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(folder)
+  if not root.is_dir():
+    raise CovidctError(f"{root} is not a folder; put the COVID images in {root}/COVID/ and the others in "
+                       f"{root}/NonCOVID/.")
+  files, labels = [], []
+  for label, name in enumerate(CLASS_FOLDERS):
+    sub = root / name
+    if not sub.is_dir():
+      raise CovidctError(f"{root} has no {name}/ folder; put the COVID images in {root}/COVID/ and the others in "
+                         f"{root}/NonCOVID/.")
+    found = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+      raise CovidctError(f"{sub} holds no image ({', '.join(IMAGE_SUFFIXES)}); both classes are needed.")
+    files += found
+    labels += [label] * len(found)
+  names = [str(f.relative_to(root)) for f in files]
+  if patients_csv is not None:
+    try:
+      with open(patients_csv, newline="") as fh:
+        rows = {r["file"].strip(): r["patient_id"].strip() for r in csv.DictReader(fh)}
+    except (OSError, KeyError, csv.Error) as e:
+      raise CovidctError(f"{patients_csv}: cannot read columns file,patient_id ({type(e).__name__}: {e}).") from None
+    missing = [n for n in names if n not in rows]
+    if missing:
+      raise CovidctError(f"{patients_csv} has no patient for {len(missing)} image(s), e.g. {missing[0]}; list every "
+                         "image (file relative to the folder).")
+    patients = [rows[n] for n in names]
+  else:
+    patients = names
+  images = [load_image(f, image_size) for f in files]  # an unreadable file stops with its name: no silent skip
+  return {"images": np.stack(images), "labels": np.array(labels, np.int64), "filenames": np.array(names),
+          "patient_ids": np.array(patients), "unit": "patient" if patients_csv is not None else "image"}
+
+
+def evaluate_folder(predict: Callable[[np.ndarray], np.ndarray], image_size: int, folder, threshold: dict,
+                    patients_csv=None, n_boot: int = 1000, seed: int = 0, shortcut_audit: bool = True) -> dict:
+  """The report `evaluate` gives for a split, for a user's own labelled folder (folder_arrays), at the model's own
+  operating threshold (`threshold`: {'value', 'from'}): how a hospital checks the model on its scans before
+  trusting it. The audit leaves out the image-statistics baseline (there is no train split to fit it on)."""
+  data = folder_arrays(folder, image_size, patients_csv)
+  p = np.asarray(predict(data["images"]), dtype=np.float64).reshape(-1)
+  report = {
+      "split": str(folder), "examples": int(len(p)), "positives": int(data["labels"].sum()),
+      "patients": int(len(np.unique(data["patient_ids"]))),
+      "threshold": {"value": float(threshold["value"]), "from": threshold["from"], "chosen_on": "the model"},
+      "bootstrap": {"resamples": n_boot, "unit": data["unit"], "level": 0.95, "seed": seed},
+      **evaluate_probabilities(data["labels"], p, data["patient_ids"], threshold["value"], n_boot=n_boot, seed=seed),
+      "predictions": [{"filename": f, "patient_id": pid, "label": int(l), "probability": float(q)}
+                      for f, pid, l, q in zip(data["filenames"], data["patient_ids"], data["labels"], p)],
+  }
+  if shortcut_audit:
+    from covidct.audit import audit  # pylint: disable=import-outside-toplevel
+
+    report["shortcut_audit"] = audit(predict, data, None, None)
+  return report

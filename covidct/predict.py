@@ -79,19 +79,25 @@ def predictions(runner, files: Iterable, threshold: float, batch_size: int | Non
   yield from flush(batch)
 
 
+def model_threshold(model_path, threshold: float | None = None) -> dict:
+  """{'value', 'from'}: `threshold` if given, else the artifact's own metadata (.onnx), else a manifest.json beside
+  or above it, else 0.5."""
+  from export.meaning import read_onnx_meaning  # pylint: disable=import-outside-toplevel
+
+  if threshold is not None:
+    return {"value": check_threshold(threshold), "from": "--threshold"}
+  own = read_onnx_meaning(model_path) if str(model_path).endswith(".onnx") else None
+  found = (own["threshold"], f"{model_path} (its ONNX metadata)") if own else find_threshold(model_path)
+  return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
+
+
 def predict_files(model_path, files, threshold: float | None = None) -> tuple[list[dict], list[str], dict]:
   """Scores every readable file; returns (results, errors, where the threshold came from): `threshold` if given,
   else the artifact's own metadata (.onnx), else a manifest.json beside or above it, else 0.5."""
   from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
-  from export.meaning import read_onnx_meaning  # pylint: disable=import-outside-toplevel
 
   runner = load_runner(model_path)
-  if threshold is not None:
-    source = {"value": check_threshold(threshold), "from": "--threshold"}
-  else:
-    own = read_onnx_meaning(model_path) if str(model_path).endswith(".onnx") else None
-    found = (own["threshold"], f"{model_path} (its ONNX metadata)") if own else find_threshold(model_path)
-    source = {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
+  source = model_threshold(model_path, threshold)
   results, errors = [], []
   for r in predictions(runner, files, source["value"]):
     if "error" in r:
