@@ -524,18 +524,21 @@ def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, min_specific
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold (default: the manifest's operating threshold, else 0.5).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--strict", is_flag=True, help="Refuse (as errors) images the input guard flags as not CT slices.")
 @_friendly
-def predict_cmd(images, model_path, threshold, as_json):
-  """Probability of COVID and a label for each image file."""
+def predict_cmd(images, model_path, threshold, as_json, strict):
+  """Probability of COVID and a label for each image file; a warning where the image does not look like a CT slice."""
   from covidct.predict import predict_files  # pylint: disable=import-outside-toplevel
 
-  results, errors, source = predict_files(model_path, images, threshold)
+  results, errors, source = predict_files(model_path, images, threshold, strict=strict)
+  guard = source.pop("input_guard")
   if as_json:
-    click.echo(json.dumps({"results": results, "errors": errors, "threshold": source}, indent=2))
+    click.echo(json.dumps({"results": results, "errors": errors, "threshold": source, "input_guard": guard}, indent=2))
   else:
-    click.echo(f"threshold {source['value']:.4f} (from {source['from']})")
+    click.echo(f"threshold {source['value']:.4f} (from {source['from']}); input guard {guard}")
     for r in results:
-      click.echo(f"{r['probability']:.4f}  {r['label']:<8}  {r['file']}")
+      click.echo(f"{r['probability']:.4f}  {r['label']:<8}  {r['file']}"
+                 + (f"  WARNING: {r['warning']}" if "warning" in r else ""))
   for e in errors:
     click.echo(f"Error: {e}", err=True)
   if errors:

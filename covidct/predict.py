@@ -32,8 +32,9 @@ def check_threshold(threshold: float) -> float:
   return float(threshold)
 
 
-def load_image(path, size: int):
-  """A file -> (size, size, 1) uint8, or CovidctError saying why it cannot be read."""
+def load_image(path, size: int, with_size: bool = False):
+  """A file -> (size, size, 1) uint8 (and, `with_size`, the file's (height, width)), or CovidctError saying why it
+  cannot be read."""
   from covidct.data import resize_image  # pylint: disable=import-outside-toplevel
   from tfds_covidct.covid_ct.covid_ct_dataset_builder import CovidCtError, decode_grayscale  # pylint: disable=import-outside-toplevel
 
@@ -48,12 +49,15 @@ def load_image(path, size: int):
     raise CovidctError(f"{path}: not a readable image (PNG, JPEG or TIFF expected).") from e
   except OSError as e:
     raise CovidctError(f"{path}: cannot be read ({e.strerror or e}).") from e
-  return resize_image(image, size).numpy()
+  resized = resize_image(image, size).numpy()
+  return (resized, image.shape[:2]) if with_size else resized
 
 
-def predictions(runner, files: Iterable, threshold: float, batch_size: int | None = None) -> Iterator[dict]:
-  """One dict per file, in order: {'file', 'probability', 'label', 'threshold'} or {'file', 'error'}. Files are
-  decoded and scored `batch_size` at a time; one bad file never stops the others."""
+def predictions(runner, files: Iterable, threshold: float, batch_size: int | None = None, guard=None,
+                strict: bool = False) -> Iterator[dict]:
+  """One dict per file, in order: {'file', 'probability', 'label', 'threshold'} (plus 'warning' when `guard` flags
+  the image) or {'file', 'error'}. Files are decoded and scored `batch_size` at a time; one bad file never stops the
+  others. With `strict`, a flagged image is an error instead of a result."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   def flush(batch):
@@ -62,15 +66,25 @@ def predictions(runner, files: Iterable, threshold: float, batch_size: int | Non
     for f, im in batch:
       if isinstance(im, str):
         yield {"file": f, "error": im}
-      else:
-        p = float(next(probs))
-        yield {"file": f, "probability": p, "label": "COVID" if p >= threshold else "NonCOVID", "threshold": threshold}
+        continue
+      p = float(next(probs))
+      r = {"file": f, "probability": p, "label": "COVID" if p >= threshold else "NonCOVID", "threshold": threshold}
+      if f in warnings:
+        if strict:
+          yield {"file": f, "error": f"{f}: does not look like a CT slice ({warnings[f]}); refused (--strict)."}
+          continue
+        r["warning"] = f"does not look like a CT slice: {warnings[f]}; do not trust this result"
+      yield r
 
   batch_size = batch_size or BATCH_SIZE
-  batch = []
+  batch, warnings = [], {}
   for f in files:
     try:
-      batch.append((str(f), load_image(f, runner.image_size)))
+      image, original = load_image(f, runner.image_size, with_size=True)
+      batch.append((str(f), image))
+      reasons = guard.check(image, original) if guard is not None else []
+      if reasons:
+        warnings[str(f)] = "; ".join(reasons)
     except CovidctError as e:
       batch.append((str(f), str(e)))
     if len(batch) == batch_size:
@@ -91,15 +105,20 @@ def model_threshold(model_path, threshold: float | None = None) -> dict:
   return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
 
 
-def predict_files(model_path, files, threshold: float | None = None) -> tuple[list[dict], list[str], dict]:
+def predict_files(model_path, files, threshold: float | None = None, strict: bool = False
+                  ) -> tuple[list[dict], list[str], dict]:
   """Scores every readable file; returns (results, errors, where the threshold came from): `threshold` if given,
   else the artifact's own metadata (.onnx), else a manifest.json beside or above it, else 0.5."""
   from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
+  from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
+
   runner = load_runner(model_path)
   source = model_threshold(model_path, threshold)
+  guard = load_guard_near(model_path)
+  source["input_guard"] = "on" if guard is not None else "off (no guard.json beside the model: export it)"
   results, errors = [], []
-  for r in predictions(runner, files, source["value"]):
+  for r in predictions(runner, files, source["value"], guard=guard, strict=strict):
     if "error" in r:
       errors.append(r["error"])
     else:

@@ -15,6 +15,7 @@ from covidct.data import split_arrays
 from covidct.errors import CovidctError
 from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir
+from covidct.guard import GUARD_FILE, calibrate
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.quantize import is_quantization_aware
 from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
@@ -98,6 +99,10 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
                       "images": int(len(images)), "tolerance": tolerance}
     if "onnx_int8" in formats and "onnx_float32" not in formats:
       pathlib.Path(results.pop("onnx_float32").path).unlink()
+    progress("calibrating the input guard")
+    guard = calibrate(arrays["train"]["images"], arrays["validation"]["images"])
+    guard.save(tmp / GUARD_FILE)
+    test_flags = sum(bool(guard.check(im)) for im in arrays["test"]["images"])
     # Paths relative to the export folder (the temporary folder's name is gone once it is renamed).
     parity = [dataclasses.replace(r, path=os.path.basename(r.path)) for r in parity]
     verified_on = cpu_kind()
@@ -113,6 +118,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
         "quantization_aware": quantization_aware,
         "metrics": {"saved_model": {"validation": _summary(ref_val), "test": _summary(ref_test)}},
         "artifacts": {},
+        "input_guard": {"file": GUARD_FILE, **guard.calibration, "test_flagged": test_flags,
+                        "test_images": int(len(arrays["test"]["images"]))},
         "parity_passed": report["passed"],
         "parity_verified_on": verified_on,
         "files": files,

@@ -1,0 +1,56 @@
+"""The input guard: real slices pass, obviously wrong inputs are flagged, predict warns or refuses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from covidct.cli import main
+from covidct.guard import Guard, calibrate, made_up_inputs
+
+
+@pytest.fixture(scope="module")
+def real_guard(full_data_dir):
+  from covidct.data import split_arrays
+
+  arrays = {s: split_arrays(s, str(full_data_dir), 224) for s in ("train", "validation", "test")}
+  return calibrate(arrays["train"]["images"], arrays["validation"]["images"]), arrays["test"]
+
+
+def test_guard_passes_real_slices_and_flags_made_up_inputs(real_guard, tmp_path):
+  guard, test = real_guard
+  flagged = sum(bool(guard.check(im)) for im in test["images"])
+  assert flagged <= 0.02 * len(test["images"])  # measured: 0 of 203
+  # 1% by the distance, out of fold, plus the slices where the segmentation finds no lungs (8 of 543): measured 2.6%
+  assert 0.01 <= guard.calibration["out_of_fold_flag_rate"] <= 0.03
+  wrong = made_up_inputs(224, n=10)
+  caught = {kind: sum(bool(guard.check(im)) for im in images) / len(images) for kind, images in wrong.items()}
+  assert all(rate >= 0.95 for rate in caught.values()), caught
+  guard.save(tmp_path / "guard.json")
+  again = Guard.load(tmp_path / "guard.json")
+  assert again.threshold == guard.threshold and again.check(wrong["noise"][0]) == guard.check(wrong["noise"][0])
+  assert guard.check(test["images"][0], (3, 2000)) and guard.check(test["images"][0], (40, 40))  # shape, size
+
+
+def test_predict_warns_and_strict_refuses(exported, tmp_path):
+  assert (exported / "guard.json").exists()
+  manifest = json.loads((exported / "manifest.json").read_text())
+  assert manifest["input_guard"]["file"] == "guard.json" and "guard.json" in manifest["files"]
+  blank = tmp_path / "blank.png"
+  Image.fromarray(np.full((256, 256), 255, np.uint8)).save(blank)
+  noise = tmp_path / "noise.png"  # a thumbnail: too small to be a slice (the model's 48 px is too coarse to judge)
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30)).astype(np.uint8)).save(noise)
+  model = str(exported / "model_float32.onnx")
+  res = CliRunner().invoke(main, ["predict", str(blank), str(noise), "--model", model, "--json"])
+  assert res.exit_code == 0, res.output
+  out = json.loads(res.stdout)
+  assert out["input_guard"] == "on"
+  assert "near-constant" in out["results"][0]["warning"] and "too small (30 x 40 pixels)" in out["results"][1]["warning"]
+  res = CliRunner().invoke(main, ["predict", str(blank), "--model", model])
+  assert "WARNING: does not look like a CT slice" in res.stdout
+  res = CliRunner().invoke(main, ["predict", str(blank), str(noise), "--model", model, "--strict"])
+  assert res.exit_code == 1 and res.stderr.count("refused (--strict)") == 2 and "Traceback" not in res.output
