@@ -125,8 +125,15 @@ Confidence intervals: bootstrap over patients.
 {qat}
 ## Known limits
 - One small dataset (746 slices); metrics have wide confidence intervals.
-- Many images were taken from figures in papers (varied size, contrast, annotations, compression), not from
-  scanners; performance on clinical DICOM data is unknown.
+- **Source and label are one variable.** Every COVID image is a figure cut from a paper; every non-COVID image was
+  crawled from the web or taken from MedPix. On the test split, a logistic regression on how the file looks (JPEG
+  or PNG, grey-level mean, size; no model, no lungs) ranks the scans about as well as the fine-tuned networks do,
+  and a fine-tuned MobileNetV2 kept most of its score with the lungs hidden and fell near chance on the lungs alone
+  (`covidct evaluate` reports this shortcut audit). The test split therefore does **not** establish performance on
+  scanner images from a new site: on a held-out set of real scanner slices, models from this recipe scored near or
+  below chance. Before any use, score the model on your own labelled scans: `covidct evaluate MODEL --folder DIR`.
+- Inputs that do not look like the training slices are flagged by the input guard (`covidct predict` warns;
+  `--strict` refuses); a slice that passes the guard can still be outside what the model knows.
 - Labels are per slice, not per patient or per study; a non-COVID label does not exclude other disease.
 """
 
