@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -20,9 +19,16 @@ from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.quantize import is_quantization_aware
 from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
 from covidct.versions import cpu_kind, library_versions
-from export.errors import ParityError
+from export.errors import ExportError, ParityError
 from export.formats import export_format, parse_formats, sha256
 from export.meaning import LABELS, N_VECTORS, onnx_metadata, vector_tolerance, write_vectors
+from export.serving import write_serving_saved_model, write_warmup
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  return tf.io.encode_png(image).numpy()
 from export.parity import check_parity, write_report
 
 PREPROCESSING = ("decode to grayscale uint8 (RGB/RGBA by ITU-R 601-2 luma), resize to SxS bilinear with "
@@ -76,12 +82,19 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
                               "chosen_on": "validation"},
   }
   with atomic_dir(out, overwrite) as tmp:
-    shutil.copytree(saved_model, tmp / "saved_model")
+    progress("writing the serving SavedModel (serving_default, serving_bytes, TF Serving warmup)")
+    write_serving_saved_model(saved_model, tmp / "saved_model", threshold, LABELS)
+    shipped = SavedModelRunner(tmp / "saved_model")(arrays["test"]["images"])
+    if float(np.max(np.abs(shipped - ref_probs), initial=0.0)) > 1e-6:
+      raise ExportError(f"the serving SavedModel's serving_default differs from {saved_model}'s; this is a bug: "
+                        "report it with the model.")
+    warm = arrays["test"]["images"][:4]
+    write_warmup(tmp / "saved_model", warm, [encode_png(im) for im in warm])
     results, parity = {}, []
     for fmt in (["onnx_float32"] if "onnx_int8" in formats and "onnx_float32" not in formats else []) + formats:
       progress(f"exporting {fmt}")
       onnx_float = results["onnx_float32"].path if "onnx_float32" in results else None
-      result = export_format(fmt, tmp / "saved_model", tmp, reps, onnx_float)
+      result = export_format(fmt, saved_model, tmp, reps, onnx_float)  # from the model itself, not the wrapper
       if result.path.endswith(".onnx"):
         onnx_metadata(result.path, base, fmt, library_versions().get("covidct") or "dev")
         result = dataclasses.replace(result, size_bytes=os.path.getsize(result.path), sha256=sha256(result.path))
