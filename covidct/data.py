@@ -282,3 +282,24 @@ def raw_arrays(split: "str | Selection", data_dir: str | None) -> dict:
   rows = list(tfds.as_numpy(ds.map(lambda e: {k: e[k] for k in ("image", "label", "filename", "patient_id")})))
   return {"images": [r["image"] for r in rows], "labels": np.array([int(r["label"]) for r in rows], np.int64),
           "filenames": np.array([r["filename"].decode() for r in rows])}
+
+
+def write_arrays(out_dir, splits, image_size: int, data_dir=None, overwrite: bool = False) -> list[tuple[str, int, int]]:
+  """Writes each split as OUT/SPLIT.npz (split_arrays: images, labels, patient ids, file names), atomically; returns
+  (split, images, COVID images) for each."""
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import atomic_dir, refuse_existing  # pylint: disable=import-outside-toplevel
+
+  names = [s.strip() for s in splits if s.strip()]
+  bad = [s for s in names if s not in ("train", "validation", "test")]
+  if bad or not names:
+    raise CovidctError(f"--split takes train, validation and/or test, got {','.join(splits)!r}.")
+  refuse_existing(out_dir, overwrite)
+  load_builder(data_dir)  # a clear error before anything is written when the dataset is missing
+  done = []
+  with atomic_dir(out_dir, overwrite) as tmp:
+    for name in names:
+      arrays = split_arrays(name, data_dir, image_size)
+      np.savez_compressed(tmp / f"{name}.npz", **arrays)
+      done.append((name, len(arrays["labels"]), int(arrays["labels"].sum())))
+  return done

@@ -185,6 +185,20 @@ def check_arrays(arrays: dict, image_size: int, what: str) -> None:
     raise CovidctError(f"{what} images must be uint8 grey levels, got {images.dtype}.")
 
 
+def load_inputs(image_size: int, arrays_dir=None, data_dir=None, probe: bool = True) -> tuple[dict, dict | None]:
+  """The train split (and, for the linear probe, validation) from `covidct data arrays` files in `arrays_dir` (no
+  TensorFlow needed), else from the TFDS dataset resized to `image_size`."""
+  if arrays_dir:
+    train = load_arrays(pathlib.Path(arrays_dir) / "train.npz")
+    return train, load_arrays(pathlib.Path(arrays_dir) / "validation.npz") if probe else None
+  from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
+
+  load_builder(data_dir)
+  return (split_arrays("train", data_dir, image_size),
+          split_arrays("validation", data_dir, image_size) if probe else None)
+
+
 def load_arrays(path) -> dict:
   """A split written by `covidct data arrays` (.npz with images, labels, patient_ids, filenames)."""
   path = pathlib.Path(path)

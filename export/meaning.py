@@ -120,7 +120,7 @@ def load_vectors(artifact) -> tuple[np.ndarray, np.ndarray, float]:
       return arrays[0], arrays[1].reshape(-1), float(tolerance)
     with np.load(base / f"{artifact.stem}.npz") as z:
       return z[INPUT_NAME], z[OUTPUT_NAME].reshape(-1), float(z["tolerance"])
-  except FileNotFoundError as e:
+  except FileNotFoundError:
     raise CovidctError(f"no test vectors for {artifact} (looked in {base}); they are written by `covidct export` "
                        "beside each artifact: copy the test_data/ folder with it.") from None
   except (ValueError, KeyError, OSError) as e:

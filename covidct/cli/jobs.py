@@ -1,0 +1,67 @@
+"""Whole jobs: the benchmark and the main job (pipeline)."""
+
+from __future__ import annotations
+
+import click
+
+from covidct.cli.options import DATA_DIR, friendly, int_list, positive
+
+
+@click.command("bench")
+@click.argument("artifacts_dir", type=click.Path())
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Report folder (default: ARTIFACTS_DIR/bench).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=int_list)
+@click.option("--threads", default="1,2", show_default=True, callback=int_list)
+@click.option("--runs", default=50, show_default=True, type=int, callback=positive, help="Timed runs per batch size.")
+@click.option("--warmup", default=5, show_default=True, type=int)
+@click.option("--max-seconds", default=5.0, show_default=True, type=float,
+              help="Stop timing a batch size after this long (at least 5 runs).")
+@click.option("--no-pipeline", is_flag=True, help="Skip the input-pipeline measurement.")
+@click.option("--runtimes", default=None, metavar="LIST",
+              help="Only these runtimes, comma-separated: tf_signature, keras_predict, keras_call, litert, ort, "
+                   "tf_signature_gpu, ort_cuda, ort_tensorrt (default: all). E.g. 'ort,ort_cuda' on a GPU machine "
+                   "without TensorFlow.")
+@DATA_DIR
+@click.option("--overwrite", is_flag=True)
+@friendly
+def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_seconds, no_pipeline, runtimes, data_dir,
+              overwrite):
+  """Latency and throughput of every artifact in ARTIFACTS_DIR (a `covidct export` folder) on every runtime."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out_dir) if out_dir else pathlib.Path(artifacts_dir) / "bench"
+  if out.exists() and not overwrite:
+    raise CovidctError(f"output folder {out} exists; choose another with --out or pass --overwrite.")
+  from benchmarks.report import markdown  # pylint: disable=import-outside-toplevel
+  from benchmarks.run import run_benchmark  # pylint: disable=import-outside-toplevel
+
+  report = run_benchmark(artifacts_dir, out, batch_sizes, threads, runs, warmup, max_seconds, data_dir=data_dir,
+                         pipeline=not no_pipeline, overwrite=overwrite, progress=lambda m: click.echo(m, err=True),
+                         runtimes=[r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None)
+  click.echo(markdown(report))
+  click.echo(f"Report: {out}/bench.md")
+
+
+@click.command("pipeline")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--manual-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with the upstream files (offline). Without it, they are downloaded.")
+@DATA_DIR
+@click.option("--epochs", type=int, default=None, callback=positive, help="Override the recipe's epochs.")
+@click.option("--image-size", type=int, default=None, callback=positive)
+@click.option("--seed", type=int, default=None)
+@click.option("--formats", default="all", show_default=True)
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True)
+@click.option("--force-push", is_flag=True, help="Push even if the model is not blessed.")
+@friendly
+def pipeline_cmd(out_dir, manual_dir, data_dir, epochs, image_size, seed, formats, n_boot, force_push):
+  """The main job: build the dataset, train (default recipe), evaluate, export, check parity, push, report."""
+  from covidct.pipeline import run  # pylint: disable=import-outside-toplevel
+
+  overrides = {k: v for k, v in dict(epochs=epochs, image_size=image_size, seed=seed).items() if v is not None}
+  run(out_dir, manual_dir=manual_dir, data_dir=data_dir, overrides=overrides, formats=formats, n_boot=n_boot,
+      force_push=force_push, echo=lambda m: click.echo(m, err=True))
+  click.echo((__import__("pathlib").Path(out_dir) / "report.md").read_text())

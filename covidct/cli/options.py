@@ -1,0 +1,121 @@
+"""What the command groups share: the error wrapper, option declarations and option callbacks."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+
+def friendly(fn):
+  """Turns the errors a user can fix into a one-line message and exit code 1, never a traceback."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+    known: tuple = (CovidctError, FileNotFoundError, FileExistsError)
+    try:
+      from tfds_covidct.covid_ct.covid_ct_dataset_builder import CovidCtError  # pylint: disable=import-outside-toplevel
+      known += (CovidCtError,)
+    except ImportError:
+      pass
+    try:
+      from export.errors import ExportError  # pylint: disable=import-outside-toplevel
+      known += (ExportError,)
+    except ImportError:
+      pass
+    try:
+      return fn(*args, **kwargs)
+    except known as e:
+      raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+  return wrapper
+
+
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                         help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+QUIET = click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
+WEIGHTS_DIR = click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+                            help="Backbones: folder with the Keras ImageNet weight files (offline); default: "
+                                 "Keras's cache.")
+
+
+def positive(ctx, param, value):
+  if value is not None and value <= 0:
+    raise click.BadParameter(f"must be positive, got {value}.")
+  return value
+
+
+def int_list(ctx, param, value):
+  try:
+    out = tuple(int(v) for v in value.split(","))
+  except ValueError:
+    raise click.BadParameter(f"expected comma-separated integers, got {value!r}.") from None
+  if not out or min(out) <= 0:
+    raise click.BadParameter(f"expected positive integers, got {value!r}.")
+  return out
+
+
+def given(**kwargs) -> dict:
+  """The keyword arguments the user gave (not None): the library's defaults hold for the others."""
+  return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# The options that make a TrainConfig: `covidct train` and `covidct cv` take the same ones
+# (covidct.config.config_from_options turns them into a config).
+TRAINING_OPTIONS = [
+    click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
+                 help="'article': the article's recipe as written; 'default': one that learns on the official split; "
+                      "'finetune': ImageNet MobileNetV2, head then whole network."),
+    click.option("--model", default=None, help="Architecture: final, basic, too_simple, mobilenet_v2_0.35, "
+                                               "mobilenet_v2_0.5, mobilenet_v2_1.0 (default: the recipe's)."),
+    click.option("--epochs", type=int, default=None, callback=positive),
+    click.option("--batch-size", type=int, default=None, callback=positive, help="Per replica."),
+    click.option("--image-size", type=int, default=None, callback=positive),
+    click.option("--learning-rate", type=float, default=None, callback=positive),
+    click.option("--seed", type=int, default=None),
+    click.option("--strategy", type=click.Choice(["default", "mirrored", "multi-worker"]), default=None,
+                 help="tf.distribute strategy: one device, all local devices, or the cluster in TF_CONFIG."),
+    click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 (GPU only)."),
+    click.option("--augment-on", type=click.Choice(["auto", "pipeline", "model"]), default=None,
+                 help="Where augmentation runs: tf.data on the CPU, or the training step on the accelerator."),
+    click.option("--augment/--no-augment", default=None,
+                 help="The article's augmentation on the training split (default: the recipe's choice)."),
+    click.option("--noise", type=float, default=None,
+                 help="Std of Gaussian pixel noise, in grey levels, added to the augmented training images (needs "
+                      "augmentation)."),
+    click.option("--resolution", type=float, default=None,
+                 help="Simulate low-resolution sources: scale each augmented training image down to a random fraction "
+                      "of its size, between this and 1, and back up (needs augmentation; 0 turns it off)."),
+    click.option("--contrast", type=float, default=None, metavar="FRACTION",
+                 help="Scale each augmented training image's contrast about its mean by a random factor in "
+                      "[1 - FRACTION, 1 + FRACTION] (needs augmentation; 0 turns it off)."),
+    click.option("--brightness", type=float, default=None, metavar="FRACTION",
+                 help="Shift each augmented training image's brightness by a random fraction of 255 in "
+                      "[-FRACTION, FRACTION] (needs augmentation; 0 turns it off)."),
+    click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first."),
+    click.option("--fine-tune-from", default=None, metavar="LAYER",
+                 help="Backbones: fine-tune only from this backbone layer up, an index or a name prefix such as "
+                      "block_13 (default: the whole backbone)."),
+    click.option("--label-smoothing", type=float, default=None),
+    click.option("--blur", type=float, default=None, metavar="SIGMA",
+                 help="A fixed Gaussian low-pass (sigma in pixels) inside the model, so every source is equally sharp."),
+    click.option("--mixup", type=float, default=None, metavar="ALPHA",
+                 help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
+                      "weight (0.2-0.4 is usual; 0 turns it off)."),
+    click.option("--freeze-batch-norm", is_flag=True, default=None,
+                 help="Backbones: keep batch norm in inference mode (ImageNet statistics) while fine-tuning."),
+    click.option("--weights", default=None, metavar="imagenet|none|FILE",
+                 help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
+                      "such as the backbone.weights.h5 of `covidct pretrain`."),
+    WEIGHTS_DIR,
+    DATA_DIR,
+]
+
+
+def training_options(fn):
+  for option in reversed(TRAINING_OPTIONS):
+    fn = option(fn)
+  return fn
