@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from covidct.data import split_arrays
+from covidct.data import raw_arrays, split_arrays
 from covidct.errors import CovidctError
 from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir
@@ -23,6 +23,8 @@ from export.errors import ExportError, ParityError
 from export.formats import export_format, parse_formats, sha256
 from export.meaning import LABELS, N_VECTORS, onnx_metadata, vector_tolerance, write_vectors
 from export.serving import write_serving_saved_model, write_warmup
+from export.skew import markdown as skew_markdown
+from export.skew import skew_table
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -120,6 +122,10 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
     parity = [dataclasses.replace(r, path=os.path.basename(r.path)) for r in parity]
     verified_on = cpu_kind()
     report = write_report(parity, threshold, tmp, quantization_aware, verified_on)
+    progress("measuring the resize skew")
+    skew = skew_table(reference, raw_arrays("test", data_dir)["images"], ref_probs, threshold)
+    with open(tmp / "parity.md", "a") as fh:
+      fh.write("\n" + skew_markdown(skew, threshold))
     files = {}
     for p in sorted(tmp.rglob("*")):
       if p.is_file():
@@ -135,6 +141,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
                         "test_images": int(len(arrays["test"]["images"]))},
         "parity_passed": report["passed"],
         "parity_verified_on": verified_on,
+        "resize_skew": skew,
         "files": files,
         "libraries": library_versions(),
     }

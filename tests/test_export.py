@@ -330,3 +330,17 @@ def test_serving_saved_model_takes_encoded_images_like_predict(exported, tmp_pat
   assert np.allclose(out["threshold"].numpy(), manifest["operating_threshold"]["value"])
   logs = read_warmup(exported / "saved_model")
   assert [l.predict_log.request.model_spec.signature_name for l in logs] == ["serving_default", BYTES_SIGNATURE]
+
+
+def test_parity_report_has_the_resize_skew(exported, dummy_data_dir):
+  from covidct.data import raw_arrays
+  from export.skew import METHODS, resize
+
+  manifest = json.loads((exported / "manifest.json").read_text())
+  rows = {r["method"]: r for r in manifest["resize_skew"]}
+  assert set(rows) == set(METHODS) and all(0 <= r["agreement"] <= 1 for r in rows.values())
+  assert "## Resize skew" in (exported / "parity.md").read_text()
+  image = raw_arrays("test", str(dummy_data_dir))["images"][0]
+  sizes = {m: resize(image, SIZE, m) for m in METHODS}
+  assert all(v.shape == (SIZE, SIZE, 1) and v.dtype == np.uint8 for v in sizes.values())
+  assert not np.array_equal(sizes["pil_nearest"], sizes["pil_bicubic"])  # the methods really differ
