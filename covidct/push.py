@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -138,6 +139,29 @@ Confidence intervals: bootstrap over patients.
 """
 
 
+PUSH_ATTEMPTS = 20  # versions tried when pushes run at once
+
+
+def _claim_version(tmp: pathlib.Path, root: pathlib.Path, prepare) -> int:
+  """Renames the finished `tmp` to root/<N>, N the next free version; a push running at the same time that takes N
+  first makes this one try N + 1 (the rename never overwrites a version). `prepare(N)` writes what names N."""
+  listed = versions(root)
+  version = (listed[-1]["version"] + 1) if listed else 1
+  for _ in range(PUSH_ATTEMPTS):
+    while (root / str(version)).exists():
+      version += 1
+    prepare(version)
+    try:
+      os.rename(tmp, root / str(version))
+      return version
+    except OSError as e:
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        raise
+      version += 1
+  raise CovidctError(f"{root} is busy: other pushes took {PUSH_ATTEMPTS} versions while this one was writing; push "
+                     "again.")
+
+
 def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False) -> dict:
   """Checks the export's files against its manifest, measures its SavedModel on the test split, blesses it against
   `gate` (covidct.config.GateConfig) and, when blessed (or forced), copies it to serving_dir/<N>/ atomically.
@@ -166,9 +190,8 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
   ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, bool(manifest.get("parity_passed")))
   if not ok and not force:
     raise CovidctError("not blessed: " + "; ".join(reasons) + ". Improve the model, or pass --force to push anyway.")
-  version = (existing[-1]["version"] + 1) if existing else 1
   root.mkdir(parents=True, exist_ok=True)
-  tmp = root / f".{version}.partial-{os.getpid()}"
+  tmp = root / f".push.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     shutil.copytree(src / "saved_model", tmp)  # TF Serving reads serving/<N>/saved_model.pb
@@ -181,8 +204,7 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
             "gate": dataclasses.asdict(gate), "source": str(src.resolve()),
             "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (tmp / "blessing.json").write_text(json.dumps(info, indent=2))
-    (tmp / "MODEL_CARD.md").write_text(model_card(manifest, version))
-    os.rename(tmp, root / str(version))  # fails if the version appeared meanwhile: nothing is overwritten
+    version = _claim_version(tmp, root, lambda v: (tmp / "MODEL_CARD.md").write_text(model_card(manifest, v)))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

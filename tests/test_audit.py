@@ -22,6 +22,7 @@ def boxed_slices(full_data_dir):
   return [(s, arrays["images"][index[s["file"]]]) for s in BOXES["slices"]]
 
 
+@pytest.mark.slow
 def test_lung_masks_match_boxes_drawn_by_eye(boxed_slices):
   found = 0
   for s, image in boxed_slices:
@@ -43,6 +44,7 @@ def test_lung_masks_match_boxes_drawn_by_eye(boxed_slices):
   assert found == 9
 
 
+@pytest.mark.slow
 def test_masking_hides_or_keeps_the_lung_field(boxed_slices):
   images = np.stack([image for _, image in boxed_slices])
   masks = lung_masks(images)

@@ -26,6 +26,7 @@ def test_folds_group_patients_stratify_and_follow_the_seed():
   assert not np.array_equal(make_folds(labels, patients, k=5, seed=4), folds)  # another seed, other folds
 
 
+@pytest.mark.slow
 def test_folds_of_the_real_split(full_data_dir):
   from covidct.data import split_labels
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -11,6 +13,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import tfds_covidct  # noqa: F401  registers covid_ct
+
+pytestmark = pytest.mark.slow  # reads the full dataset (built once per session)
 
 OFFICIAL = {
     "train": {"COVID": 191, "NonCOVID": 234},

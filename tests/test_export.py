@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import zipfile
@@ -344,3 +345,43 @@ def test_parity_report_has_the_resize_skew(exported, dummy_data_dir):
   sizes = {m: resize(image, SIZE, m) for m in METHODS}
   assert all(v.shape == (SIZE, SIZE, 1) and v.dtype == np.uint8 for v in sizes.values())
   assert not np.array_equal(sizes["pil_nearest"], sizes["pil_bicubic"])  # the methods really differ
+
+
+def test_concurrent_pushes_get_distinct_versions(exported, dummy_data_dir, tmp_path, monkeypatch):
+  import covidct.push as push_module
+
+  serving = tmp_path / "serving"
+  gate = ["--min-roc-auc", "0", "--min-sensitivity", "0", "--min-specificity", "0", "--data-dir", str(dummy_data_dir)]
+  assert CliRunner().invoke(main, ["push", str(exported), "--serving", str(serving), *gate]).exit_code == 0
+  # A second push that read the versions before the first one landed (a stale view) must not overwrite version 1.
+  monkeypatch.setattr(push_module, "versions", lambda root: [])
+  real_rename = os.rename
+  calls = []
+
+  def racing_rename(src, dst):  # another push lands version 2 just before this one renames
+    calls.append(dst)
+    if len(calls) == 1:
+      shutil.copytree(serving / "1", serving / "2")
+    return real_rename(src, dst)
+
+  monkeypatch.setattr(os, "rename", racing_rename)
+  res = CliRunner().invoke(main, ["push", str(exported), "--serving", str(serving), *gate])
+  assert res.exit_code == 0 and "version 3" in res.output, res.output
+  assert sorted(p.name for p in serving.iterdir()) == ["1", "2", "3"]
+  assert "version 3" in (serving / "3" / "MODEL_CARD.md").read_text()
+
+
+def test_os_errors_are_one_line(model_dir, dummy_data_dir, tmp_path):
+  import errno as errno_module
+
+  from covidct.cli.options import os_error_message
+
+  (tmp_path / "a_file").write_text("x")
+  res = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(tmp_path / "a_file" / "export"),
+                                  "--formats", "tflite_float32", "--bootstrap", "10", "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 1 and "Traceback" not in res.output
+  assert "Not a directory" in res.stderr and "a file stands where a folder should be" in res.stderr
+  assert not list(tmp_path.glob("a_file*/*"))
+  msg = os_error_message(OSError(errno_module.ENOSPC, "No space left on device", "/data/x"))
+  assert msg == "No space left on device (/data/x): the disk is full: free some space."
+  assert "read-only" in os_error_message(OSError(errno_module.EROFS, "Read-only file system", "/ro"))

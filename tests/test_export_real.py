@@ -12,6 +12,8 @@ from covidct.train import train
 from export.formats import export_format
 from export.parity import MAX_AUC_DROP, MIN_AGREEMENT, check_parity
 
+pytestmark = pytest.mark.slow  # reads the full dataset (built once per session)
+
 SIZE = 64
 
 

@@ -21,6 +21,7 @@ def real_guard(full_data_dir):
   return calibrate(arrays["train"]["images"], arrays["validation"]["images"]), arrays["test"]
 
 
+@pytest.mark.slow
 def test_guard_passes_real_slices_and_flags_made_up_inputs(real_guard, tmp_path):
   guard, test = real_guard
   flagged = sum(bool(guard.check(im)) for im in test["images"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import sys
 
 import click
 
@@ -29,17 +31,35 @@ def friendly(fn):
       return fn(*args, **kwargs)
     except known as e:
       raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except OSError as e:  # read-only, no space, permission, a file where a folder should be...
+      raise click.ClickException(os_error_message(e)) from None
+    except Exception as e:  # TensorFlow's own errors (e.g. a truncated TFRecord) name no remedy; ours do
+      tf = sys.modules.get("tensorflow")
+      if tf is None or not isinstance(e, tf.errors.OpError):
+        raise
+      raise click.ClickException(f"TensorFlow: {type(e).__name__}: {str(e.message).splitlines()[0][:200]}; the data or "
+                                 "model files are damaged: rebuild the dataset (covidct data build) or the model.") from None
 
   return wrapper
 
 
+def os_error_message(e: OSError) -> str:
+  """One line for an operating-system error: what, where, and what to do."""
+  remedy = {errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+            errno.EROFS: "the file system is read-only: choose a writable folder",
+            errno.ENOSPC: "the disk is full: free some space", errno.ENOTDIR: "a file stands where a folder should be",
+            errno.EISDIR: "a folder stands where a file should be"}.get(e.errno, "check the path")
+  where = f" ({e.filename})" if e.filename else ""
+  return f"{e.strerror or type(e).__name__}{where}: {remedy}."
+
+
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                         help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+                        help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 QUIET = click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
 WEIGHTS_DIR = click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-                            help="Backbones: folder with the Keras ImageNet weight files (offline); default: "
-                                 "Keras's cache.")
+                           help="Backbones: folder with the Keras ImageNet weight files (offline); default: "
+                                "Keras's cache.")
 
 
 def positive(ctx, param, value):
