@@ -16,11 +16,34 @@ def refuse_existing(out, overwrite: bool = False) -> None:
     raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def remove_stale_partials(out) -> list[pathlib.Path]:
+  """Removes what killed runs left beside `out` (`.NAME.partial-PID` of processes no longer alive); returns them."""
+  out = pathlib.Path(out)
+  removed = []
+  for p in out.parent.glob(f".{out.name}.partial-*") if out.parent.is_dir() else []:
+    pid = p.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+      removed.append(p)
+  return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(out, overwrite: bool = False):
   """Yields a temporary folder that becomes `out` when the block succeeds; nothing is left under `out` otherwise."""
   out = pathlib.Path(out)
   refuse_existing(out, overwrite)
+  remove_stale_partials(out)
   tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)

@@ -11,6 +11,7 @@ import shutil
 import time
 
 from covidct.errors import CovidctError
+from covidct.fsutil import remove_stale_partials
 
 
 def versions(serving_dir) -> list[dict]:
@@ -48,6 +49,21 @@ def check_files(src: pathlib.Path, manifest: dict) -> None:
     if p.stat().st_size != info.get("bytes") or sha256(p) != info.get("sha256"):
       raise CovidctError(f"{src}/{name} does not match its SHA-256 in the manifest (changed or damaged); export "
                          "again.")
+
+
+def replay_vectors(src: pathlib.Path, manifest: dict) -> None:
+  """Loads the SavedModel and every artifact in a fresh process (`covidct verify`) and replays their test vectors;
+  raises unless each gives the answers recorded at export."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  targets = [src / "saved_model"] + [src / a["file"] for a in manifest.get("artifacts", {}).values()]
+  res = subprocess.run([sys.executable, "-m", "covidct.cli", "verify", *map(str, targets)], capture_output=True,
+                       text=True, check=False)
+  if res.returncode != 0:
+    failed = [l for l in (res.stdout + res.stderr).splitlines() if l.startswith(("FAIL", "Error"))]
+    raise CovidctError(f"{src}: a shipped model does not give its recorded answers in a fresh process: "
+                       f"{(failed or ['verify failed'])[0]}. Export again.")
 
 
 def measure(src: pathlib.Path, threshold: float, data_dir=None) -> dict:
@@ -183,6 +199,7 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
     raise CovidctError(f"{src}/manifest.json is not a covidct manifest ({type(e).__name__}: {e}); export again.") \
         from None
   check_files(src, manifest)
+  replay_vectors(src, manifest)
   measured = measure(src, threshold, data_dir)
   root = pathlib.Path(serving_dir)
   existing = versions(root)
@@ -191,6 +208,7 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
   if not ok and not force:
     raise CovidctError("not blessed: " + "; ".join(reasons) + ". Improve the model, or pass --force to push anyway.")
   root.mkdir(parents=True, exist_ok=True)
+  remove_stale_partials(root / "push")  # what a killed push left
   tmp = root / f".push.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:

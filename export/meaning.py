@@ -80,7 +80,7 @@ def write_vectors(out_dir, artifact: str, images: np.ndarray, reference: np.ndar
   from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
 
   out_dir = pathlib.Path(out_dir)
-  stem = pathlib.Path(artifact).stem
+  stem = pathlib.Path(artifact).stem  # a SavedModel folder ('saved_model') keeps its name
   ref = np.asarray(reference, np.float32).reshape(-1, 1)
   if artifact.endswith(".onnx"):
     folder = out_dir / VECTORS_DIR / stem / "test_data_set_0"

@@ -167,7 +167,8 @@ def test_push_gate_refuses_a_weak_model_on_figures_it_measures(model_dir, export
   assert blessing["test"]["examples"] == len(want) and blessing["gate"]["min_roc_auc"] == 0
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "extra file", "symlink", "missing file", "bad manifest"])
+@pytest.mark.parametrize("damage", ["flipped byte", "extra file", "symlink", "missing file", "bad manifest",
+                                    "wrong answers"])
 def test_push_refuses_a_damaged_export_and_leaves_nothing(exported, dummy_data_dir, tmp_path, damage):
   copy = tmp_path / "export"
   shutil.copytree(exported, copy)
@@ -186,9 +187,21 @@ def test_push_refuses_a_damaged_export_and_leaves_nothing(exported, dummy_data_d
   elif damage == "missing file":
     (copy / "model_float32.onnx").unlink()
     want = "model_float32.onnx is listed in the manifest but missing"
-  else:
+  elif damage == "bad manifest":
     (copy / "manifest.json").write_text("{not json")
     want = "manifest.json is not a covidct manifest"
+  else:  # files and hashes consistent, but the SavedModel does not give the answers recorded for it
+    from export.formats import sha256
+
+    vectors = copy / "test_data" / "saved_model.npz"
+    with np.load(vectors) as z:
+      saved = dict(z)
+    saved["covid_probability"] = 1 - saved["covid_probability"]
+    np.savez(vectors, **saved)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["test_data/saved_model.npz"] = {"bytes": vectors.stat().st_size, "sha256": sha256(vectors)}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    want = "does not give its recorded answers in a fresh process: FAIL"
   res = CliRunner().invoke(main, ["push", str(copy), "--serving", str(tmp_path / "serving"), "--force",
                                   "--data-dir", str(dummy_data_dir)])
   assert res.exit_code == 1 and want in res.stderr and "Traceback" not in res.output, res.output

@@ -186,3 +186,17 @@ def test_cli_train_missing_dataset_and_existing_out(tmp_path):
 def test_cli_evaluate_missing_model(tmp_path):
   res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nope")])
   assert res.exit_code == 1 and "does not exist" in res.stderr
+
+
+def test_leftovers_of_killed_runs_are_cleaned(tmp_path):
+  from covidct.fsutil import atomic_dir
+
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                        check=True).stdout.strip()  # a pid that no longer runs
+  stale = tmp_path / f".run.partial-{dead}"
+  (stale / "saved_model").mkdir(parents=True)
+  live = tmp_path / f".run.partial-{os.getppid()}"  # a run still going (this test's parent) keeps its folder
+  live.mkdir()
+  with atomic_dir(tmp_path / "run") as tmp:
+    (tmp / "x").write_text("done")
+  assert not stale.exists() and live.exists() and (tmp_path / "run" / "x").exists()

@@ -1,0 +1,5 @@
+"""`python -m covidct.cli ...`: the covidct command, for a fresh process of the same interpreter."""
+
+from covidct.cli import main
+
+main()
