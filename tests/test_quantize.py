@@ -160,7 +160,7 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
   np.testing.assert_allclose(saved * 256, np.round(saved * 256), atol=1e-4)  # the 8-bit output grid
 
   # Export: four test images cannot rank copies (one tie moves ROC AUC by 0.25), so this checks the mechanics; the
-  # agreement on real scans is measured in the README. The verdict may go either way here.
+  # agreement on real scans is measured in docs/results/official-split.md. The verdict may go either way here.
   export = tmp_path / "export"
   res = CliRunner().invoke(main, ["export", str(out), "--out", str(export), "--data-dir", str(dummy_data_dir),
                                   "--bootstrap", "20"])
