@@ -113,7 +113,9 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
     from covidct.audit import audit  # pylint: disable=import-outside-toplevel
     from covidct.data import raw_arrays  # pylint: disable=import-outside-toplevel
 
-    report["shortcut_audit"] = audit(predict, data, raw_arrays("train", data_dir), raw_arrays(split, data_dir))
+    raw_train = raw_arrays("train", data_dir)
+    report["shortcut_audit"] = audit(predict, data, raw_train,
+                                     raw_train if split == "train" else raw_arrays(split, data_dir))
   return report
 
 

@@ -26,8 +26,8 @@ from covidct.errors import CovidctError
 
 GUARD_FILE = "guard.json"
 FEATURES = ("mean", "std", "black_share", "white_share", "edge_density", "lung_share", "lung_mean")
-MIN_SIDE = 64  # pixels, of the file: smaller than any slice in COVID-CT (61 x 115 is the smallest; its short side
-# is 61, so the check is on the long side)
+MIN_SIDE = 64  # pixels, the file's longer side: COVID-CT's smallest slice is 61 x 115, so its shorter side can be
+# under 64 and only the longer one is checked
 MAX_ASPECT = 3.0  # long side / short side; COVID-CT's slices stay under 2
 MIN_STD = 4.0  # grey levels, of the resized image: below this it is blank
 VALIDATION_FLAG_RATE = 0.01
