@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import sys
 
-from covidct.errors import CovidctError
+from covidct.manifest import Manifest
 
 
 def nvidia_gpus() -> list[str]:
@@ -67,24 +67,21 @@ def _loadable(library: str) -> bool:
 def configurations(artifacts_dir, threads=(1, 2), gpu: dict | None = None) -> list[dict]:
   """The rows: (label, runtime, path, threads, artifact format) for every artifact in an export folder."""
   root = pathlib.Path(artifacts_dir)
-  manifest_path = root / "manifest.json"
-  if not manifest_path.exists():
-    raise CovidctError(f"{root} has no manifest.json; pass a folder written by `covidct export`.")
-  manifest = json.loads(manifest_path.read_text())
+  manifest = Manifest.load(root)
   rows = []
-  keras_file = pathlib.Path(manifest.get("source_model", "")) / "model.keras"
+  keras_file = pathlib.Path(manifest.source_model) / "model.keras"
   for t in threads:
     rows.append(dict(artifact="saved_model", runtime="tf_signature", path=str(root / "saved_model"), threads=t))
     if keras_file.exists():
       rows.append(dict(artifact="keras", runtime="keras_predict", path=str(keras_file), threads=t))
       rows.append(dict(artifact="keras", runtime="keras_call", path=str(keras_file), threads=t))
-    for fmt, info in manifest["artifacts"].items():
+    for fmt, info in manifest.artifacts.items():
       runtime = "litert" if fmt.startswith("tflite") else "ort"
       rows.append(dict(artifact=fmt, runtime=runtime, path=str(root / info["file"]), threads=t))
   gpu = gpu or {}
   gpu_rows = [dict(artifact="saved_model", runtime="tf_signature_gpu", path=str(root / "saved_model"), threads=None,
                    needs="tensorflow")]
-  for fmt, info in manifest["artifacts"].items():
+  for fmt, info in manifest.artifacts.items():
     if fmt.startswith("onnx"):
       gpu_rows.append(dict(artifact=fmt, runtime="ort_cuda", path=str(root / info["file"]), threads=None,
                            needs="onnxruntime_cuda"))

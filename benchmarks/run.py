@@ -11,6 +11,7 @@ from benchmarks.flops import measured_gemm_gflops, model_flops
 from benchmarks.latency import configurations, gpu_status, nvidia_gpus, run_worker
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir
+from covidct.manifest import Manifest
 from covidct.versions import cpu_info
 
 
@@ -54,7 +55,7 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
   rows = configurations(root, threads, env["gpu"])
   if runtimes:
     rows = [r for r in rows if r["runtime"] in runtimes]
-  manifest = json.loads((root / "manifest.json").read_text())
+  manifest = Manifest.load(root)
   flops, flops_source = _flops(root / "saved_model")
   peaks = {t: measured_gemm_gflops(t) for t in threads}
   results = []
@@ -72,14 +73,14 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
       for stats in res["batches"].values():
         stats["gflops"] = flops * stats["throughput_ips"] / 1e9
         stats["fraction_of_peak"] = stats["gflops"] / peak if peak else None
-    auc = manifest["metrics"].get(row["artifact"] if row["artifact"] != "keras" else "saved_model", {})
+    auc = manifest.metrics.get(row["artifact"] if row["artifact"] != "keras" else "saved_model", {})
     result["test_roc_auc"] = auc.get("test", {}).get("roc_auc")
     result["file_bytes"] = _size(pathlib.Path(row["path"]))
     results.append(result)
   report = {
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "artifacts_dir": str(root.resolve()), "environment": env,
-      "model": {"flops_per_image": flops, "flops_source": flops_source, "input": manifest["input"]},
+      "model": {"flops_per_image": flops, "flops_source": flops_source, "input": manifest.input},
       "peak": {"measured_gemm_gflops": {str(t): v for t, v in peaks.items()},
                "how": "float32 1024x1024 GEMM through numpy's BLAS, best of 5, threadpoolctl limits",
                "theoretical_gflops_per_core": env["cpu"]["theoretical_gflops_per_core"],
@@ -92,7 +93,7 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
     from benchmarks.pipeline_throughput import measure  # pylint: disable=import-outside-toplevel
 
     progress("input pipeline")
-    report["pipeline"] = measure(data_dir, image_size=manifest["input"]["shape"][1])
+    report["pipeline"] = measure(data_dir, image_size=manifest.image_size)
   from benchmarks.report import markdown, plots  # pylint: disable=import-outside-toplevel
 
   with atomic_dir(out_dir, overwrite) as tmp:

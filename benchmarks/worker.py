@@ -45,7 +45,7 @@ def _make(spec):
 
       def call(x):
         with tf.device(device):
-          return r._run(x)  # pylint: disable=protected-access
+          return r.raw(x)
 
       return call, r.image_size
     import keras  # pylint: disable=import-outside-toplevel
@@ -60,14 +60,14 @@ def _make(spec):
     from covidct.runners import LiteRTRunner  # pylint: disable=import-outside-toplevel
 
     r = LiteRTRunner(path, num_threads=threads)
-    return (lambda x: r._run(x)), r.image_size  # pylint: disable=protected-access
+    return r.raw, r.image_size
   if runtime.startswith("ort"):
     from covidct.runners import OnnxRunner  # pylint: disable=import-outside-toplevel
 
     providers = {"ort": ["CPUExecutionProvider"], "ort_cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "ort_tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
     r = OnnxRunner(path, num_threads=threads, providers=providers[runtime])
-    return (lambda x: r._run(x)), r.image_size  # pylint: disable=protected-access
+    return r.raw, r.image_size
   raise ValueError(f"unknown runtime {runtime!r}")
 
 

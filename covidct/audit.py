@@ -102,7 +102,7 @@ def statistics_auc(train: dict, split: dict) -> dict:
   from sklearn.pipeline import make_pipeline  # pylint: disable=import-outside-toplevel
   from sklearn.preprocessing import StandardScaler  # pylint: disable=import-outside-toplevel
 
-  from covidct.evaluate import ranking_metrics  # pylint: disable=import-outside-toplevel
+  from covidct.metrics import ranking_metrics  # pylint: disable=import-outside-toplevel
 
   def features(d):
     return np.stack([image_statistics(im, f) for im, f in zip(d["images"], d["filenames"])])
@@ -130,7 +130,7 @@ def audit(predict, arrays: dict, raw_train: dict | None, raw_split: dict | None)
     ROC AUC on full images, with the lungs hidden and on the lungs only; the image-statistics baseline; how the
     segmentation went (images without a lung field, median share of the image that is lung).
   """
-  from covidct.evaluate import ranking_metrics  # pylint: disable=import-outside-toplevel
+  from covidct.metrics import ranking_metrics  # pylint: disable=import-outside-toplevel
 
   images, labels = arrays["images"], arrays["labels"]
   masks = lung_masks(images)

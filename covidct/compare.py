@@ -56,6 +56,8 @@ def read_cv(cv_dir) -> dict:
   try:
     config = json.loads((run / "config.json").read_text())
     result = json.loads((run / "cv.json").read_text())
+    if not isinstance(config, dict) or not isinstance(result, dict):
+      raise TypeError("not a JSON object")
     return {
         "run": str(run), "recipe": config.get("recipe", "-"), "model": config.get("model", "-"),
         "image_size": config.get("image_size"), "options": options_of(config), "seed": config.get("seed"),
@@ -64,7 +66,7 @@ def read_cv(cv_dir) -> dict:
         "cv_auc_sd": result["roc_auc"]["sd"], "cv_sensitivity": result["sensitivity"]["mean"],
         "cv_specificity": result["specificity"]["mean"],
     }
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise CovidctError(f"{run}: cannot read its config.json or cv.json ({e}); run `covidct cv` again.") from None
 
 
@@ -81,8 +83,10 @@ def read_run(run_dir) -> dict:
                        "`cv`.")
   try:
     config = json.loads((run / "config.json").read_text())
+    if not isinstance(config, dict):
+      raise TypeError(f"a JSON {type(config).__name__}, not an object")
     summary = json.loads((run / "history.json").read_text())["summary"] if (run / "history.json").exists() else {}
-  except (ValueError, KeyError) as e:
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise CovidctError(f"{run}: cannot read its config.json or history.json ({e}); train that run again.") from None
   reports = {}
   for split in ("validation", "test"):

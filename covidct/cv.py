@@ -20,14 +20,13 @@ import time
 
 import numpy as np
 
-from covidct.config import TrainConfig
+from covidct.config import TARGET_SENSITIVITY, TrainConfig
 from covidct.errors import CovidctError
-from covidct.evaluate import choose_threshold, ranking_metrics, threshold_metrics
-from covidct.fsutil import atomic_dir
+from covidct.fsutil import atomic_dir, refuse_existing
+from covidct.metrics import choose_threshold, ranking_metrics, threshold_metrics
 
 CV_SPLIT = "train+validation"  # what cross-validation reads; never the test split
 DEFAULT_FOLDS = 5
-TARGET_SENSITIVITY = 0.90
 
 
 def make_folds(labels, patients, k: int = DEFAULT_FOLDS, seed: int = 0) -> np.ndarray:
@@ -118,8 +117,7 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
   out = pathlib.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  refuse_existing(out, overwrite)
   if not 0 < target_sensitivity <= 1:
     raise CovidctError(f"target sensitivity must be in (0, 1], got {target_sensitivity}.")
   meta = split_labels(CV_SPLIT, cfg.data_dir)

@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from covidct.errors import CovidctError
-from covidct.fsutil import atomic_dir
+from covidct.fsutil import atomic_dir, refuse_existing
 
 
 def build_ensemble(members: list, name: str = "ensemble"):
@@ -32,37 +32,18 @@ def build_ensemble(members: list, name: str = "ensemble"):
   return keras.Model(inputs, keras.layers.Average(name="mean_probability")(outputs), name=name)
 
 
-def load_member(run_dir):
-  """The Keras model of one `covidct train` (or `covidct qat`) output folder."""
-  import keras  # pylint: disable=import-outside-toplevel
-
-  import covidct.quantize  # pylint: disable=import-outside-toplevel,unused-import  # registers its layers
-
-  path = pathlib.Path(run_dir) / "model.keras"
-  if not path.exists():
-    raise CovidctError(f"{run_dir} has no model.keras; pass folders written by `covidct train`.")
-  try:
-    return keras.models.load_model(path, compile=False)
-  except Exception as e:  # Keras raises many types for a damaged archive
-    raise CovidctError(f"{path}: cannot load it ({type(e).__name__}: {e}); train that run again.") from e
-
-
 def ensemble_runs(run_dirs, out_dir, overwrite: bool = False) -> dict:
   """Writes `out_dir` like a training output: saved_model/, model.keras and config.json (the members' configs)."""
-  from covidct.train import export_saved_model  # pylint: disable=import-outside-toplevel
+  from covidct.modelio import export_saved_model, load_run_model, read_run_config  # pylint: disable=import-outside-toplevel
 
   run_dirs = [pathlib.Path(r) for r in run_dirs]
   out = pathlib.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  refuse_existing(out, overwrite)
   if out.resolve() in {r.resolve() for r in run_dirs}:
     raise CovidctError(f"the output folder {out} is one of the members; choose another.")
-  model = build_ensemble([load_member(r) for r in run_dirs])
+  model = build_ensemble([load_run_model(r) for r in run_dirs])
   size = int(model.input_shape[1])
-  configs = []
-  for r in run_dirs:
-    cfg = r / "config.json"
-    configs.append(json.loads(cfg.read_text()) if cfg.exists() else {})
+  configs = [read_run_config(r) for r in run_dirs]
   config = {"model": "ensemble", "image_size": size, "members": [
       {"run": str(r.resolve()), "config": c} for r, c in zip(run_dirs, configs)]}
   with atomic_dir(out, overwrite) as tmp:

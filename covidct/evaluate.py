@@ -11,77 +11,13 @@ import pathlib
 from typing import Callable
 
 import numpy as np
-from sklearn import metrics as skm
 
-THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1")
-RANKING_METRICS = ("roc_auc", "pr_auc")
-
-
-def threshold_metrics(y, p, threshold: float) -> dict:
-  """Accuracy, sensitivity (recall), specificity, precision, F1 and the confusion matrix at one threshold."""
-  y = np.asarray(y).astype(int)
-  pred = (np.asarray(p) >= threshold).astype(int)
-  tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
-  return {
-      "accuracy": float(skm.accuracy_score(y, pred)),
-      "sensitivity": float(skm.recall_score(y, pred, pos_label=1, zero_division=0)),
-      "specificity": float(skm.recall_score(y, pred, pos_label=0, zero_division=0)),
-      "precision": float(skm.precision_score(y, pred, zero_division=0)),
-      "f1": float(skm.f1_score(y, pred, zero_division=0)),
-      "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
-  }
-
-
-def ranking_metrics(y, p) -> dict:
-  """ROC AUC and PR AUC (average precision); NaN when only one class is present."""
-  y = np.asarray(y).astype(int)
-  if len(np.unique(y)) < 2:
-    return {"roc_auc": float("nan"), "pr_auc": float("nan")}
-  return {"roc_auc": float(skm.roc_auc_score(y, p)), "pr_auc": float(skm.average_precision_score(y, p))}
-
-
-def choose_threshold(y, p, target_sensitivity: float = 0.90) -> float:
-  """The highest threshold whose sensitivity on (y, p) reaches the target (to be applied to other data)."""
-  if not 0 < target_sensitivity <= 1:
-    raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}.")
-  _, tpr, thresholds = skm.roc_curve(np.asarray(y).astype(int), p)
-  idx = int(np.argmax(tpr >= target_sensitivity - 1e-12))
-  return float(min(thresholds[idx], 1.0))
-
-
-def bootstrap_ci(y, p, patients, threshold: float, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-  """Percentile confidence intervals, resampling patients (all of a patient's images together) with replacement."""
-  y, p, patients = np.asarray(y).astype(int), np.asarray(p), np.asarray(patients)
-  unique, inverse = np.unique(patients, return_inverse=True)
-  members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
-  rng = np.random.default_rng(seed)
-  samples = {m: [] for m in THRESHOLD_METRICS + RANKING_METRICS}
-  for _ in range(n_boot):
-    idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
-    yb, pb = y[idx], p[idx]
-    for k, v in threshold_metrics(yb, pb, threshold).items():
-      if k in samples:
-        samples[k].append(v)
-    if len(np.unique(yb)) == 2:
-      for k, v in ranking_metrics(yb, pb).items():
-        samples[k].append(v)
-  alpha = (1 - level) / 2 * 100
-  return {k: [float(np.percentile(v, alpha)), float(np.percentile(v, 100 - alpha))] if v else [float("nan")] * 2
-          for k, v in samples.items()}
-
-
-def evaluate_probabilities(y, p, patients, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
-  """All metrics at 0.5 and at `threshold` (with bootstrap CIs at `threshold`)."""
-  return {
-      **ranking_metrics(y, p),
-      "at_0.5": threshold_metrics(y, p, 0.5),
-      "at_threshold": threshold_metrics(y, p, threshold),
-      "ci95": bootstrap_ci(y, p, patients, threshold, n_boot=n_boot, seed=seed) if n_boot else {},
-  }
-
+from covidct.config import BOOTSTRAP_RESAMPLES, TARGET_SENSITIVITY
+from covidct.metrics import THRESHOLD_METRICS, choose_threshold, evaluate_probabilities, threshold_metrics
+from covidct.reporting import fmt_ci
 
 def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_dir=None, split: str = "test",
-             target_sensitivity: float = 0.90, n_boot: int = 1000, seed: int = 0, arrays: dict | None = None,
+             target_sensitivity: float = TARGET_SENSITIVITY, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0, arrays: dict | None = None,
              shortcut_audit: bool = False) -> dict:
   """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split`, with the threshold chosen on validation.
 
@@ -119,11 +55,6 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
   return report
 
 
-def _fmt(v, ci=None):
-  s = f"{v:.3f}"
-  return f"{s} ({ci[0]:.3f}-{ci[1]:.3f})" if ci and not np.isnan(ci[0]) else s
-
-
 def markdown(report: dict, title: str = "Evaluation") -> str:
   t, ci = report["threshold"], report.get("ci95", {})
   lines = [
@@ -134,11 +65,11 @@ def markdown(report: dict, title: str = "Evaluation") -> str:
       + (f"chosen on validation for sensitivity >= {t['target_sensitivity']:.2f}" if t.get("chosen_on") == "validation"
          else f"the model's own ({t.get('from')})")
       + f". 95% CIs: bootstrap over {report['bootstrap']['unit']}s ({report['bootstrap']['resamples']} resamples).", "",
-      f"ROC AUC {_fmt(report['roc_auc'], ci.get('roc_auc'))}, PR AUC {_fmt(report['pr_auc'], ci.get('pr_auc'))}", "",
+      f"ROC AUC {fmt_ci(report['roc_auc'], ci.get('roc_auc'))}, PR AUC {fmt_ci(report['pr_auc'], ci.get('pr_auc'))}", "",
       "| metric | at 0.5 | at operating threshold (95% CI) |", "| --- | ---: | ---: |",
   ]
   for m in THRESHOLD_METRICS:
-    lines.append(f"| {m} | {report['at_0.5'][m]:.3f} | {_fmt(report['at_threshold'][m], ci.get(m))} |")
+    lines.append(f"| {m} | {report['at_0.5'][m]:.3f} | {fmt_ci(report['at_threshold'][m], ci.get(m))} |")
   lines += ["", "Confusion matrix (rows: truth, columns: prediction)", "",
             "| | at 0.5: NonCOVID | COVID | at threshold: NonCOVID | COVID |", "| --- | ---: | ---: | ---: | ---: |"]
   a, b = report["at_0.5"]["confusion_matrix"], report["at_threshold"]["confusion_matrix"]
@@ -157,6 +88,7 @@ def plot_report(report: dict, out_dir) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from sklearn import metrics as skm  # pylint: disable=import-outside-toplevel
 
   out_dir = pathlib.Path(out_dir)
   y = np.array([r["label"] for r in report["predictions"]])
@@ -254,7 +186,7 @@ def folder_arrays(folder, image_size: int, patients_csv=None) -> dict:
 
 
 def evaluate_folder(predict: Callable[[np.ndarray], np.ndarray], image_size: int, folder, threshold: dict,
-                    patients_csv=None, n_boot: int = 1000, seed: int = 0, shortcut_audit: bool = True) -> dict:
+                    patients_csv=None, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0, shortcut_audit: bool = True) -> dict:
   """The report `evaluate` gives for a split, for a user's own labelled folder (folder_arrays), at the model's own
   operating threshold (`threshold`: {'value', 'from'}): how a hospital checks the model on its scans before
   trusting it. The audit leaves out the image-statistics baseline (there is no train split to fit it on)."""
@@ -274,3 +206,58 @@ def evaluate_folder(predict: Callable[[np.ndarray], np.ndarray], image_size: int
 
     report["shortcut_audit"] = audit(predict, data, None, None)
   return report
+
+
+def evaluate_models(models, *, split: str = "test", out_dir=None, target_sensitivity: float = TARGET_SENSITIVITY,
+                    n_boot: int = BOOTSTRAP_RESAMPLES, tta: bool = False, folder=None, patients_csv=None,
+                    threshold: float | None = None, data_dir=None, overwrite: bool = False):
+  """`covidct evaluate`: scores one model (or the mean of several) on a split or on a labelled folder, writes the
+  report folder, and returns (report, its folder, its title).
+
+  Args:
+    models: model paths (training folder, SavedModel, .keras, .tflite, .onnx); several are averaged.
+    split: the split to score when no `folder` is given; its threshold is chosen on validation.
+    out_dir: the report folder (default: MODEL/evaluation-<split or folder name>, or beside a model file).
+    target_sensitivity: for the threshold chosen on validation.
+    n_boot: bootstrap resamples.
+    tta: average each image with its mirror.
+    folder: FOLDER/COVID/* and FOLDER/NonCOVID/* images, scored at the model's own threshold (or `threshold`).
+    patients_csv: with `folder`, file,patient_id rows so CIs resample patients.
+    threshold: with `folder`, the operating threshold.
+    data_dir: TFDS data dir.
+    overwrite: replace an existing report folder.
+  Raises:
+    CovidctError: a bad option combination, an existing report folder, an unloadable model or unreadable images.
+  """
+  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import refuse_existing  # pylint: disable=import-outside-toplevel
+  from covidct.runners import EnsembleRunner, FlipTTARunner, load_runner  # pylint: disable=import-outside-toplevel
+
+  if not 0 < target_sensitivity <= 1:
+    raise CovidctError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}.")
+  if len(models) > 1 and not out_dir:
+    raise CovidctError("an ensemble of several models needs --out for its report.")
+  if (patients_csv or threshold is not None) and not folder:
+    raise CovidctError("--patients and --threshold go with --folder (a split's threshold is chosen on validation).")
+  path = pathlib.Path(models[0])
+  name = f"evaluation-{pathlib.Path(folder).name if folder else split}"
+  out = pathlib.Path(out_dir) if out_dir else (path / name if path.is_dir() else path.with_name(f"{path.stem}-{name}"))
+  refuse_existing(out, overwrite)
+  runners = [load_runner(m) for m in models]
+  runner = runners[0] if len(runners) == 1 else EnsembleRunner(runners)
+  if tta:
+    runner = FlipTTARunner(runner)
+  if folder:
+    from covidct.predict import model_threshold  # pylint: disable=import-outside-toplevel
+
+    report = evaluate_folder(runner, runner.image_size, folder, model_threshold(models[0], threshold),
+                             patients_csv=patients_csv, n_boot=n_boot)
+  else:
+    report = evaluate(runner, runner.image_size, data_dir=data_dir, split=split,
+                      target_sensitivity=target_sensitivity, n_boot=n_boot, shortcut_audit=True)
+  report["model"] = [str(m) for m in models] if len(models) > 1 else str(path)
+  report["test_time_augmentation"] = "horizontal flip" if tta else None
+  title = (f"Evaluation of {' + '.join(pathlib.Path(m).name for m in models)}{' with flip TTA' if tta else ''}"
+           f"{f' on {folder}' if folder else ''}")
+  write_report(report, out, overwrite=overwrite, title=title)
+  return report, out, title

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import shutil
@@ -55,3 +56,24 @@ def atomic_dir(out, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def sha256(path) -> str:
+  """The SHA-256 of a file's bytes, as hex, read 1 MiB at a time."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def atomic_write(path, text: str) -> None:
+  """Writes `text` to `path` through a temporary sibling and a rename: readers see the old file or the new one,
+  never half of one, and a failure leaves no temporary file."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  try:
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)

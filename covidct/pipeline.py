@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
+from covidct.config import BOOTSTRAP_RESAMPLES
 from covidct.errors import CovidctError
+from covidct.manifest import Manifest
+from covidct.reporting import fmt_ci, table
 
 
 def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overrides: dict | None = None,
-        formats: str = "all", n_boot: int = 1000, force_push: bool = False, echo=print) -> pathlib.Path:
+        formats: str = "all", n_boot: int = BOOTSTRAP_RESAMPLES, force_push: bool = False, echo=print) -> pathlib.Path:
   """build dataset -> train -> evaluate -> export + parity -> bless + push -> short benchmark -> report.md."""
   from covidct import dataset  # pylint: disable=import-outside-toplevel
   from covidct.config import resolve  # pylint: disable=import-outside-toplevel
@@ -52,7 +54,7 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
     manifest = export_model(out / "model", out / "export", formats, data_dir=data_dir, n_boot=n_boot, progress=echo)
   except ParityError as e:
     parity_error = str(e)
-    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    manifest = Manifest.load(out / "export")
   step("export")
   echo("5/6 bless and push")
   try:
@@ -73,34 +75,32 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   return out / "report.md"
 
 
-def _report(cfg, summary, manifest, pushed, parity_error, times, out, bench, audit=None) -> str:
-  test = manifest["metrics"]["saved_model"]["test"]
+def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, bench, audit=None) -> str:
+  test = manifest.metrics["saved_model"]["test"]
   ci = test.get("ci95", {})
   at = test["at_threshold"]
-  rng = lambda m: f" ({ci[m][0]:.3f}-{ci[m][1]:.3f})" if m in ci else ""  # noqa: E731
   lines = [
       "# covidct pipeline report", "",
       f"Recipe `{cfg.recipe}`, model `{cfg.model}` at {cfg.image_size}x{cfg.image_size}, seed {cfg.seed}; best epoch "
       f"{summary['best_epoch']} of {summary['epochs_run']} (validation {cfg.monitor}).", "",
       "## Test metrics (SavedModel, official test split)", "",
-      f"ROC AUC {test['roc_auc']:.3f}{rng('roc_auc')}, PR AUC {test['pr_auc']:.3f}. Operating threshold "
-      f"{manifest['operating_threshold']['value']:.4f} (chosen on validation for sensitivity >= "
-      f"{manifest['operating_threshold']['target_sensitivity']}):", "",
-      "| metric | at 0.5 | at threshold (95% CI, bootstrap over patients) |", "| --- | ---: | ---: |",
+      f"ROC AUC {fmt_ci(test['roc_auc'], ci.get('roc_auc'))}, PR AUC {test['pr_auc']:.3f}. Operating threshold "
+      f"{manifest.threshold:.4f} (chosen on validation for sensitivity >= "
+      f"{manifest.operating_threshold['target_sensitivity']}):", "",
+      table(["metric", "at 0.5", "at threshold (95% CI, bootstrap over patients)"],
+            [(m, f"{test['at_0.5'][m]:.3f}", fmt_ci(at[m], ci.get(m)))
+             for m in ("sensitivity", "specificity", "precision", "accuracy", "f1")]),
   ]
-  for m in ("sensitivity", "specificity", "precision", "accuracy", "f1"):
-    lines.append(f"| {m} | {test['at_0.5'][m]:.3f} | {at[m]:.3f}{rng(m)} |")
   if audit:
     from covidct.audit import markdown as audit_markdown  # pylint: disable=import-outside-toplevel
 
     lines += ["", audit_markdown(audit).rstrip()]
   lines += ["", "## Artifacts and parity", "",
-            "| format | file | bytes | max abs diff | test ROC AUC | sensitivity | agreement | parity |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-  for fmt, a in manifest["artifacts"].items():
-    p = a["parity"]
-    lines.append(f"| {fmt} | export/{a['file']} | {a['bytes']:,} | {p['max_abs_diff']:.1e} | {p['roc_auc']:.4f} | "
-                 f"{p['sensitivity']:.3f} | {p['agreement']:.1%} | {'pass' if p['passed'] else 'FAIL'} |")
+            table(["format", "file", "bytes", "max abs diff", "test ROC AUC", "sensitivity", "agreement", "parity"],
+                  [(fmt, f"export/{a['file']}", f"{a['bytes']:,}", f"{a['parity']['max_abs_diff']:.1e}",
+                    f"{a['parity']['roc_auc']:.4f}", f"{a['parity']['sensitivity']:.3f}",
+                    f"{a['parity']['agreement']:.1%}", "pass" if a["parity"]["passed"] else "FAIL")
+                   for fmt, a in manifest.artifacts.items()], align="llrrrrrl")]
   if parity_error:
     lines += ["", f"**Parity failed:** {parity_error}"]
   lines += ["", "## Push", ""]
@@ -111,11 +111,9 @@ def _report(cfg, summary, manifest, pushed, parity_error, times, out, bench, aud
   else:
     lines.append("Not pushed: " + "; ".join(pushed["reasons"]))
   lines += ["", "## Latency (short run, 1 thread; full run: `covidct bench`)", "",
-            "| artifact / runtime | batch 1 p50 ms | batch 8 images/s |", "| --- | ---: | ---: |"]
-  for r in bench["results"]:
-    if r["status"] == "measured":
-      lines.append(f"| {r['artifact']} / {r['runtime']} | {r['batches']['1']['p50_ms']:.2f} | "
-                   f"{r['batches']['8']['throughput_ips']:.0f} |")
+            table(["artifact / runtime", "batch 1 p50 ms", "batch 8 images/s"],
+                  [(f"{r['artifact']} / {r['runtime']}", f"{r['batches']['1']['p50_ms']:.2f}",
+                    f"{r['batches']['8']['throughput_ips']:.0f}") for r in bench["results"] if r["status"] == "measured"])]
   lines += ["", f"Full table: `{out}/bench/bench.md`.", "", "## Where things are", "",
             f"- model: `{out}/model` (SavedModel, model.keras, curves.png, history.json, logs/)",
             f"- evaluation: `{out}/model/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Iterable, Iterator
 
@@ -11,19 +10,45 @@ from covidct.errors import CovidctError
 BATCH_SIZE = 64  # images decoded and held at once: memory stays flat however many files there are
 
 
-def find_threshold(model_path) -> tuple[float, str] | None:
-  """The operating threshold from a manifest.json beside or above the artifact, and that file's path; None if no
-  manifest is found."""
+def find_manifest(model_path):
+  """(Manifest, its path) from a manifest.json beside or above the artifact, or None if there is none."""
+  from covidct.manifest import MANIFEST_FILE, Manifest  # pylint: disable=import-outside-toplevel
+
   p = pathlib.Path(model_path).resolve()
   for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent]:
-    for cand in (d / "manifest.json", d / "assets.extra" / "manifest.json"):
+    for cand in (d / MANIFEST_FILE, d / "assets.extra" / MANIFEST_FILE):
       if cand.exists():
         try:
-          return float(json.loads(cand.read_text())["operating_threshold"]["value"]), str(cand)
-        except (ValueError, KeyError, TypeError) as e:
-          raise CovidctError(f"{cand}: not a covidct manifest ({type(e).__name__}: {e}); export the model again, "
-                             "or pass --threshold.") from None
+          return Manifest.load(cand), cand
+        except CovidctError as e:
+          raise CovidctError(f"{str(e).rstrip('.')}, or pass --threshold.") from None
   return None
+
+
+def find_threshold(model_path) -> tuple[float, str] | None:
+  """The operating threshold from a manifest.json beside or above the artifact, and that file's path; None if no
+  manifest is found. A file the manifest lists must still have the SHA-256 it records."""
+  found = find_manifest(model_path)
+  if found is None:
+    return None
+  manifest, path = found
+  check_listed_file(model_path, manifest, path)
+  return manifest.threshold, str(path)
+
+
+def check_listed_file(model_path, manifest, manifest_path) -> None:
+  """Raises if `model_path` is a file that `manifest` lists and its bytes no longer match: a damaged copy must not
+  give labels (a flipped byte in the weights can still give probabilities in [0, 1])."""
+  from covidct.fsutil import sha256  # pylint: disable=import-outside-toplevel
+
+  p = pathlib.Path(model_path).resolve()
+  if not p.is_file():
+    return
+  base = pathlib.Path(manifest_path).resolve().parent
+  info = manifest.files.get(str(p.relative_to(base))) if p.is_relative_to(base) else None
+  if isinstance(info, dict) and info.get("sha256") and sha256(p) != info["sha256"]:
+    raise CovidctError(f"{model_path} does not match the SHA-256 that {manifest_path} records for it (changed or "
+                       "damaged); copy it again from the export, or export again.")
 
 
 def check_threshold(threshold: float) -> float:
@@ -96,7 +121,7 @@ def predictions(runner, files: Iterable, threshold: float, batch_size: int | Non
 def model_threshold(model_path, threshold: float | None = None) -> dict:
   """{'value', 'from'}: `threshold` if given, else the artifact's own metadata (.onnx), else a manifest.json beside
   or above it, else 0.5."""
-  from export.meaning import read_onnx_meaning  # pylint: disable=import-outside-toplevel
+  from covidct.runners import read_onnx_meaning  # pylint: disable=import-outside-toplevel
 
   if threshold is not None:
     return {"value": check_threshold(threshold), "from": "--threshold"}
@@ -113,6 +138,9 @@ def predict_files(model_path, files, threshold: float | None = None, strict: boo
 
   from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
 
+  found = find_manifest(model_path)
+  if found is not None:
+    check_listed_file(model_path, *found)
   runner = load_runner(model_path)
   source = model_threshold(model_path, threshold)
   guard = load_guard_near(model_path)

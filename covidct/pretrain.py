@@ -27,7 +27,7 @@ import numpy as np
 
 from covidct.config import PretrainConfig, TrainConfig
 from covidct.errors import CovidctError
-from covidct.fsutil import atomic_dir
+from covidct.fsutil import atomic_dir, refuse_existing
 
 WEIGHTS_FILE = "backbone.weights.h5"
 
@@ -306,3 +306,23 @@ def pretrain(cfg: PretrainConfig, train: dict, out_dir, validation: dict | None 
     }
     (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def pretrain_from_options(out_dir, *, arrays_dir=None, data_dir=None, probe: bool = True, overwrite: bool = False,
+                          verbose: int = 1, max_minutes: float | None = None, **overrides) -> tuple:
+  """`covidct pretrain`: PretrainConfig() with `overrides`, its inputs loaded, then `pretrain`; returns
+  (config, summary).
+
+  Raises:
+    CovidctError: a model that is not a backbone, an existing output folder, or unreadable inputs.
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  model = overrides.get("model", PretrainConfig.model)
+  if not str(model).startswith("mobilenet_v2_"):
+    raise CovidctError(f"pretraining applies to backbone models (mobilenet_v2_0.35, _0.5, _1.0), not {model!r}.")
+  refuse_existing(out_dir, overwrite)
+  cfg = dataclasses.replace(PretrainConfig(), **overrides)
+  train, validation = load_inputs(cfg.image_size, arrays_dir, data_dir, probe)
+  return cfg, pretrain(cfg, train, out_dir, validation=validation, overwrite=overwrite, verbose=verbose,
+                       max_minutes=max_minutes)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import pathlib
 import shutil
@@ -12,6 +11,11 @@ import time
 
 from covidct.errors import CovidctError
 from covidct.fsutil import remove_stale_partials
+from covidct.manifest import MANIFEST_FILE, Manifest, read_json, write_json
+from covidct.reporting import fmt_ci, table
+
+BLESSING_FILE = "blessing.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 
 
 def versions(serving_dir) -> list[dict]:
@@ -20,24 +24,28 @@ def versions(serving_dir) -> list[dict]:
   out = []
   if root.is_dir():
     for d in sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-      info = json.loads((d / "blessing.json").read_text()) if (d / "blessing.json").exists() else {}
+      info = read_json(d / BLESSING_FILE, "a covidct blessing record",
+                       f"restore it, or move version {d.name} out of {root}") if (d / BLESSING_FILE).exists() else {}
+      if not isinstance(info, dict):
+        raise CovidctError(f"{d / BLESSING_FILE}: not a covidct blessing record (a JSON {type(info).__name__}); "
+                           f"restore it, or move version {d.name} out of {root}.")
       out.append({"version": int(d.name), "path": str(d), **info})
   return out
 
 
-def check_files(src: pathlib.Path, manifest: dict) -> None:
+def check_files(src: pathlib.Path, manifest: Manifest) -> None:
   """Raises unless the export folder holds exactly the files its manifest lists, with their sizes and SHA-256, and
   no symbolic link (a link would ship whatever it points to)."""
-  from export.formats import sha256  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import sha256  # pylint: disable=import-outside-toplevel
 
-  listed = manifest.get("files")
-  if not isinstance(listed, dict) or not listed:
-    raise CovidctError(f"{src}/manifest.json lists no files; export the model again with `covidct export`.")
+  listed = manifest.files
+  if not listed:
+    raise CovidctError(f"{src}/{MANIFEST_FILE} lists no files; export the model again with `covidct export`.")
   present = {}
   for p in sorted(src.rglob("*")):
     if p.is_symlink():
       raise CovidctError(f"{p} is a symbolic link; an export ships its own files only. Export again.")
-    if p.is_file() and p.name != "manifest.json":
+    if p.is_file() and p.name != MANIFEST_FILE:
       present[str(p.relative_to(src))] = p
   unlisted = sorted(set(present) - set(listed))
   if unlisted:
@@ -46,18 +54,18 @@ def check_files(src: pathlib.Path, manifest: dict) -> None:
     p = present.get(name)
     if p is None:
       raise CovidctError(f"{src}/{name} is listed in the manifest but missing; export again.")
-    if p.stat().st_size != info.get("bytes") or sha256(p) != info.get("sha256"):
+    if not isinstance(info, dict) or p.stat().st_size != info.get("bytes") or sha256(p) != info.get("sha256"):
       raise CovidctError(f"{src}/{name} does not match its SHA-256 in the manifest (changed or damaged); export "
                          "again.")
 
 
-def replay_vectors(src: pathlib.Path, manifest: dict) -> None:
+def replay_vectors(src: pathlib.Path, manifest: Manifest) -> None:
   """Loads the SavedModel and every artifact in a fresh process (`covidct verify`) and replays their test vectors;
   raises unless each gives the answers recorded at export."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
 
-  targets = [src / "saved_model"] + [src / a["file"] for a in manifest.get("artifacts", {}).values()]
+  targets = [src / "saved_model"] + [src / a["file"] for a in manifest.artifacts.values()]
   res = subprocess.run([sys.executable, "-m", "covidct.cli", "verify", *map(str, targets)], capture_output=True,
                        text=True, check=False)
   if res.returncode != 0:
@@ -71,7 +79,7 @@ def measure(src: pathlib.Path, threshold: float, data_dir=None) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
-  from covidct.evaluate import ranking_metrics, threshold_metrics  # pylint: disable=import-outside-toplevel
+  from covidct.metrics import ranking_metrics, threshold_metrics  # pylint: disable=import-outside-toplevel
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
 
   runner = SavedModelRunner(src / "saved_model")
@@ -99,18 +107,26 @@ def bless(measured: dict, current: dict | None, gate, parity_passed: bool) -> tu
   return not reasons, reasons
 
 
-def model_card(manifest: dict, version: int) -> str:
-  test = manifest["metrics"]["saved_model"]["test"]
+def model_card(manifest: Manifest, version: int) -> str:
+  from tfds_covidct.covid_ct.covid_ct_dataset_builder import Builder  # pylint: disable=import-outside-toplevel
+
+  test = manifest.metrics["saved_model"]["test"]
   at, ci = test["at_threshold"], test.get("ci95", {})
-  thr = manifest["operating_threshold"]
-  fmt = lambda m: f"{at[m]:.3f} (95% CI {ci[m][0]:.3f}-{ci[m][1]:.3f})" if m in ci else f"{at[m]:.3f}"  # noqa: E731
-  auc = f"{test['roc_auc']:.3f}" + (f" (95% CI {ci['roc_auc'][0]:.3f}-{ci['roc_auc'][1]:.3f})" if "roc_auc" in ci else "")
-  rows = "\n".join(f"| {k} | {v['file']} | {v['bytes']:,} | {manifest['metrics'][k]['test']['roc_auc']:.4f} | "
-                   f"{v['parity']['max_abs_diff']:.1e} | {v['parity']['agreement']:.1%} |"
-                   for k, v in manifest["artifacts"].items())
+  thr = manifest.operating_threshold
+  fmt = lambda m: fmt_ci(at[m], ci.get(m), label="95% CI ")  # noqa: E731
+  auc = fmt_ci(test["roc_auc"], ci.get("roc_auc"), label="95% CI ")
+  counts = {s: sum(c.values()) for s, c in Builder.EXPECTED_COUNTS.items()}
+  by_class = {k: sum(c[k] for c in Builder.EXPECTED_COUNTS.values()) for k in ("COVID", "NonCOVID")}
+  metrics = table(["metric", "value"], [("ROC AUC", auc)] + [(m, fmt(m)) for m in
+                                                             ("sensitivity", "specificity", "precision", "accuracy")],
+                  align="ll")
+  rows = table(["format", "file", "bytes", "test ROC AUC", "max abs diff vs SavedModel", "decision agreement"],
+               [(k, v["file"], f"{v['bytes']:,}", f"{manifest.metrics[k]['test']['roc_auc']:.4f}",
+                 f"{v['parity']['max_abs_diff']:.1e}", f"{v['parity']['agreement']:.1%}")
+                for k, v in manifest.artifacts.items()], align="llrrrr")
   qat = ("\nThe SavedModel is quantization-aware (`covidct qat`): it computes in 8-bit steps itself, and every copy is "
          "compared with it by the quantized rules (ROC AUC within 0.01, decisions agreeing on >= 98% of test scans).\n"
-         if manifest.get("quantization_aware") else "")
+         if manifest.quantization_aware else "")
   return f"""# Model card: covidct COVID-19 CT classifier, version {version}
 
 ## Intended use
@@ -119,25 +135,17 @@ It is **not a diagnostic device**: it must not be used to diagnose, rule out or 
 every scan.
 
 ## Data
-COVID-CT (Zhao et al., arXiv:2003.13865), 746 CT slices (349 COVID, 397 non-COVID), official patient-level split:
-train 425, validation 118, test 203; no patient in two splits. Input: one grayscale slice,
-{manifest['input']['dtype']} {manifest['input']['shape']}. Preprocessing: {manifest['preprocessing']}.
+COVID-CT (Zhao et al., arXiv:2003.13865), {sum(counts.values())} CT slices ({by_class['COVID']} COVID, {by_class['NonCOVID']} non-COVID), official
+patient-level split: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; no patient in two splits. Input: one
+grayscale slice, {manifest.input['dtype']} {manifest.input['shape']}. Preprocessing: {manifest.preprocessing}.
 
 ## Metrics (test split, SavedModel)
 Operating threshold {thr['value']:.4f}, chosen on the validation split for sensitivity >= {thr['target_sensitivity']}.
 Confidence intervals: bootstrap over patients.
 
-| metric | value |
-| --- | --- |
-| ROC AUC | {auc} |
-| sensitivity | {fmt('sensitivity')} |
-| specificity | {fmt('specificity')} |
-| precision | {fmt('precision')} |
-| accuracy | {fmt('accuracy')} |
+{metrics}
 
 ## Artifacts
-| format | file | bytes | test ROC AUC | max abs diff vs SavedModel | decision agreement |
-| --- | --- | ---: | ---: | ---: | ---: |
 {rows}
 {qat}
 ## Known limits
@@ -190,21 +198,15 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
 
   gate = gate or GateConfig()
   src = pathlib.Path(export_dir)
-  if not (src / "manifest.json").exists():
-    raise CovidctError(f"{src} has no manifest.json; pass a folder written by `covidct export`.")
-  try:
-    manifest = json.loads((src / "manifest.json").read_text())
-    threshold = float(manifest["operating_threshold"]["value"])
-  except (ValueError, KeyError, TypeError) as e:
-    raise CovidctError(f"{src}/manifest.json is not a covidct manifest ({type(e).__name__}: {e}); export again.") \
-        from None
+  manifest = Manifest.load(src)
+  threshold = manifest.threshold
   check_files(src, manifest)
   replay_vectors(src, manifest)
   measured = measure(src, threshold, data_dir)
   root = pathlib.Path(serving_dir)
   existing = versions(root)
   blessed = [v for v in existing if v.get("blessed")]
-  ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, bool(manifest.get("parity_passed")))
+  ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, manifest.parity_passed)
   if not ok and not force:
     raise CovidctError("not blessed: " + "; ".join(reasons) + ". Improve the model, or pass --force to push anyway.")
   root.mkdir(parents=True, exist_ok=True)
@@ -221,8 +223,8 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
     info = {"blessed": ok, "forced": bool(force and not ok), "reasons": reasons, "test": measured,
             "gate": dataclasses.asdict(gate), "source": str(src.resolve()),
             "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (tmp / "blessing.json").write_text(json.dumps(info, indent=2))
-    version = _claim_version(tmp, root, lambda v: (tmp / "MODEL_CARD.md").write_text(model_card(manifest, v)))
+    write_json(tmp / BLESSING_FILE, info)
+    version = _claim_version(tmp, root, lambda v: (tmp / MODEL_CARD_FILE).write_text(model_card(manifest, v)))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -26,88 +26,11 @@ import time
 import keras
 import numpy as np
 
+from covidct.config import CALIBRATION_IMAGES
 from covidct.errors import CovidctError
-from covidct.fsutil import atomic_dir
+from covidct.fsutil import atomic_dir, refuse_existing
+from covidct.layers import INPUT_RANGES, OUTPUT_STEP, FakeQuant, QuantConv  # noqa: F401
 from covidct.models import INPUT_NAME, OUTPUT_NAME
-
-OUTPUT_STEP = 1.0 / 256.0  # a uint8/int8 probability's step in TFLite (scale 1/256)
-# The input path's ranges are fixed, not calibrated, so that the SavedModel and its int8 copies round the same way:
-# grey level k is k/255 on a [0, 1] grid (exact), 2k/255 on a [0, 2] grid (exact; without this point the TFLite
-# converter gave the intermediate product a [-1, 2] range, where two grey levels share a step), and 2k/255 - 1 on a
-# grid of step 1/128 with 0 on it (calibrated, [-1, 1] gets step 2/255 with its zero point nudged to 128, which puts
-# every grey level exactly halfway between two steps, and TF and TFLite round those ties differently). Before this,
-# 45% of the backbone's input values (then half of every layer's) differed by a step between the SavedModel and its
-# int8 TFLite copy (measured on seed 0).
-INPUT_RANGES = {"rescale": (0.0, 1.0), "times_2": (0.0, 2.0), "to_minus1_1": (-1.0, 127.0 / 128.0)}
-
-
-@keras.saving.register_keras_serializable(package="covidct")
-class FakeQuant(keras.layers.Layer):
-  """Per-tensor 8-bit fake quantization over [lo, hi] (TF nudges the range so 0 is exact); identity when lo is None
-  (while ranges are being calibrated)."""
-
-  def __init__(self, lo=None, hi=None, **kwargs):
-    super().__init__(**kwargs)
-    self.lo = None if lo is None else float(lo)
-    self.hi = None if hi is None else float(hi)
-
-  def call(self, x):
-    if self.lo is None:
-      return x
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    return tf.quantization.fake_quant_with_min_max_args(x, min=self.lo, max=self.hi, num_bits=8)
-
-  def get_config(self):
-    return {**super().get_config(), "lo": self.lo, "hi": self.hi}
-
-
-@keras.saving.register_keras_serializable(package="covidct")
-class QuantConv(keras.layers.Layer):
-  """A convolution (kind 'conv'), depthwise convolution ('dw') or dense layer ('dense') with its batch norm folded
-  in: kernel and bias. With `quantize_weights`, the kernel is fake-quantized per output channel to symmetric int8
-  ([-127, 127] times max|w| / 127); without, the kernel is used as stored (a baked copy whose kernel already lies on
-  that grid)."""
-
-  def __init__(self, kind, kernel_shape, strides=(1, 1), padding="valid", quantize_weights=True, **kwargs):
-    super().__init__(**kwargs)
-    if kind not in ("conv", "dw", "dense"):
-      raise ValueError(f"unknown kind {kind!r}")
-    self.kind, self.kernel_shape = kind, tuple(int(d) for d in kernel_shape)
-    self.strides, self.padding, self.quantize_weights = tuple(strides), padding, bool(quantize_weights)
-
-  def build(self, input_shape):
-    self.kernel = self.add_weight(shape=self.kernel_shape, initializer="zeros", name="kernel")
-    out = self.kernel_shape[2] if self.kind == "dw" else self.kernel_shape[-1]
-    self.bias = self.add_weight(shape=(out,), initializer="zeros", name="bias")
-
-  def quantized_kernel(self):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    k = tf.convert_to_tensor(self.kernel)
-    if self.kind == "dw":  # (kh, kw, channels, 1): the channel axis last for the per-channel op, then back
-      k = tf.transpose(k, (0, 1, 3, 2))
-    m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k), axis=tuple(range(len(k.shape) - 1))), 1e-12))
-    q = tf.quantization.fake_quant_with_min_max_vars_per_channel(k, -m, m, num_bits=8, narrow_range=True)
-    return tf.transpose(q, (0, 1, 3, 2)) if self.kind == "dw" else q
-
-  def call(self, x):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    k = self.quantized_kernel() if self.quantize_weights else self.kernel
-    strides = (1, *self.strides, 1)
-    if self.kind == "dw":
-      y = tf.nn.depthwise_conv2d(x, k, strides, self.padding.upper())
-    elif self.kind == "conv":
-      y = tf.nn.conv2d(x, k, strides, self.padding.upper())
-    else:
-      y = tf.matmul(x, k)
-    return y + self.bias
-
-  def get_config(self):
-    return {**super().get_config(), "kind": self.kind, "kernel_shape": list(self.kernel_shape),
-            "strides": list(self.strides), "padding": self.padding, "quantize_weights": self.quantize_weights}
-
 
 def _fold(conv, bn):
   """Kernel and bias of `conv` with the (inference-mode) batch norm `bn` folded in."""
@@ -273,7 +196,7 @@ def is_quantization_aware(saved_model_dir) -> bool:
   return pb.exists() and b"FakeQuantWithMinMax" in pb.read_bytes()
 
 
-def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calibration_images: int = 200,
+def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calibration_images: int = CALIBRATION_IMAGES,
         seed: int = 0, batch_size: int = 32, temperature: float | None = None, data_dir=None, overwrite: bool = False,
         verbose: int = 1) -> dict:
   """Quantization-aware fine-tuning of the MobileNetV2 run in `run_dir`; writes a training output to `out_dir`.
@@ -287,22 +210,19 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
   from covidct.config import TrainConfig  # pylint: disable=import-outside-toplevel
   from covidct.data import build_inputs, split_arrays  # pylint: disable=import-outside-toplevel
   from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
-  from covidct.ensemble import load_member  # pylint: disable=import-outside-toplevel
-  from covidct.train import (KeepBest, class_weight, validation_callback,  # pylint: disable=import-outside-toplevel
-                             export_saved_model, plot_history)
+  from covidct.modelio import export_saved_model, load_run_model, read_run_config  # pylint: disable=import-outside-toplevel
+  from covidct.train import KeepBest, class_weight, plot_history, validation_callback  # pylint: disable=import-outside-toplevel
 
   if epochs < 0 or not learning_rate > 0 or calibration_images <= 0 or (temperature is not None and
                                                                          not temperature > 0):
     raise CovidctError("epochs must be >= 0, learning_rate > 0, calibration_images > 0 and temperature > 0.")
   run = pathlib.Path(run_dir)
   out = pathlib.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
-  config_path = run / "config.json"
-  source_cfg = json.loads(config_path.read_text()) if config_path.exists() else {}
+  refuse_existing(out, overwrite)
+  source_cfg = read_run_config(run)
   if source_cfg.get("quantization_aware"):
     raise CovidctError(f"{run} is already quantization-aware; pass the float run it came from.")
-  model = load_member(run)
+  model = load_run_model(run)
   check_twin_layout(model, f"the model in {run}")  # before any data is read or anything written
   cfg = TrainConfig.from_dict({k: v for k, v in source_cfg.items() if k in TrainConfig.__dataclass_fields__}) \
       if source_cfg.get("recipe") else TrainConfig(model=model.name, image_size=int(model.input_shape[1]))

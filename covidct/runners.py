@@ -6,6 +6,7 @@ how to feed each runtime.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -52,6 +53,10 @@ class Runner:
       raise CovidctError(f"{what} returned values outside [0, 1] ({p.min():.4g} to {p.max():.4g}); it does not "
                          "output P(COVID): it is not a covidct model, or it is damaged.")
     return p
+
+  def raw(self, batch: np.ndarray):
+    """The runtime's own output for one prepared uint8 batch, unchecked and unconverted: what a benchmark times."""
+    return self._run(batch)
 
   def _run(self, batch: np.ndarray) -> np.ndarray:
     raise NotImplementedError
@@ -100,12 +105,10 @@ class KerasRunner(Runner):
   kind = "keras"
 
   def __init__(self, model_or_path):
-    import keras  # pylint: disable=import-outside-toplevel
+    from covidct.modelio import load_keras  # pylint: disable=import-outside-toplevel
 
-    import covidct.quantize  # pylint: disable=import-outside-toplevel,unused-import  # registers its layers
-
-    self.model = keras.saving.load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) \
-        else model_or_path
+    self.model = load_keras(model_or_path, remedy="export or train the model again") \
+        if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     self.image_size = int(self.model.input_shape[1])
 
   def _run(self, batch):
@@ -255,3 +258,19 @@ def load_runner(path, **kwargs) -> Runner:
   if suffix == ".keras":
     return KerasRunner(path)
   raise CovidctError(f"{path}: unknown model format {suffix!r}; expected a SavedModel folder, .keras, .tflite or .onnx.")
+
+
+def read_onnx_meaning(path) -> dict | None:
+  """Labels and operating threshold from an .onnx's own metadata (via onnxruntime), or None if it has none."""
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+
+  try:
+    props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+  except Exception:  # pylint: disable=broad-except  # an unloadable file says nothing; its runner reports why
+    return None
+  if "operating_threshold" not in props:
+    return None
+  try:
+    return {"labels": json.loads(props["labels"]), "threshold": float(props["operating_threshold"])}
+  except (ValueError, KeyError):
+    return None

@@ -11,8 +11,9 @@ import numpy as np
 
 from covidct.config import TrainConfig
 from covidct.errors import CovidctError
-from covidct.fsutil import atomic_dir
-from covidct.models import INPUT_NAME, OUTPUT_NAME, build_model, fine_tune_start
+from covidct.fsutil import atomic_dir, refuse_existing
+from covidct.modelio import export_saved_model
+from covidct.models import build_model, fine_tune_start
 
 
 def make_strategy(name: str):
@@ -29,25 +30,6 @@ def make_strategy(name: str):
                          "every worker, or use --strategy mirrored for one machine.")
     return tf.distribute.MultiWorkerMirroredStrategy()
   raise CovidctError(f"unknown strategy {name!r}; choose default, mirrored or multi-worker.")
-
-
-def export_saved_model(model, path, image_size: int) -> None:
-  """SavedModel with `serving_default`: uint8 `image` (None, S, S, 1) -> `covid_probability` (None, 1).
-
-  No augmentation layer is ever in `model`, so the exported copy is the inference model.
-  """
-  import keras  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-  archive = keras.export.ExportArchive()
-  archive.track(model)
-
-  @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.uint8, name=INPUT_NAME)])
-  def serve(image):
-    return {OUTPUT_NAME: tf.cast(model(tf.cast(image, tf.float32), training=False), tf.float32)}
-
-  archive.add_endpoint("serving_default", serve)
-  archive.write_out(str(path), verbose=False)
 
 
 def plot_history(history: dict, path, best_epoch: int | None = None) -> None:
@@ -179,8 +161,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
   from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
 
   out = pathlib.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  refuse_existing(out, overwrite)
   load_builder(cfg.data_dir)  # a clear error before anything is written when the dataset is missing
   gpus = tf.config.list_physical_devices("GPU")
   if cfg.mixed_precision and not gpus:

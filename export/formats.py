@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pathlib
 import shutil
@@ -13,6 +12,7 @@ import time
 
 import numpy as np
 
+from covidct.fsutil import sha256
 from export.errors import ExportError, UnknownFormatError, UnsupportedOpError
 
 # Format name -> (file name, float tolerance on the probability, or None where rounding makes the value a report
@@ -53,14 +53,6 @@ def parse_formats(spec: str | list[str]) -> list[str]:
   if unknown or not names:
     raise UnknownFormatError(f"unknown format(s) {unknown or names}; choose from {', '.join(FORMATS)} or 'all'.")
   return names
-
-
-def sha256(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _finish(fmt, tmp: pathlib.Path, final: pathlib.Path, start: float, **details) -> ExportResult:

@@ -2,7 +2,7 @@
 
 An exported file is only useful to someone who knows what it takes and returns. `onnx_metadata` writes it into
 the .onnx itself (ONNX's own fields and `metadata_props`, with the ONNX image keys), so a lone copy still says its
-labels, threshold and preprocessing; `read_onnx_meaning` reads it back through onnxruntime. `write_vectors` keeps
+labels, threshold and preprocessing; `covidct.runners.read_onnx_meaning` reads it back through onnxruntime. `write_vectors` keeps
 a handful of real test images and the SavedModel's outputs beside each artifact (the ONNX model zoo layout for
 .onnx, an .npz for .tflite), and `verify` replays them on whatever runtime is installed.
 """
@@ -57,22 +57,6 @@ def onnx_metadata(path, manifest: dict, fmt: str, version: str) -> None:
   for key, value in meaning(manifest, fmt).items():
     model.metadata_props.add(key=key, value=value)
   onnx.save(model, str(path))
-
-
-def read_onnx_meaning(path) -> dict | None:
-  """Labels and operating threshold from an .onnx's own metadata (via onnxruntime), or None if it has none."""
-  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-
-  try:
-    props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-  except Exception:  # pylint: disable=broad-except  # an unloadable file says nothing; its runner reports why
-    return None
-  if "operating_threshold" not in props:
-    return None
-  try:
-    return {"labels": json.loads(props["labels"]), "threshold": float(props["operating_threshold"])}
-  except (ValueError, KeyError):
-    return None
 
 
 def write_vectors(out_dir, artifact: str, images: np.ndarray, reference: np.ndarray, tolerance: float) -> str:

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
 
 import numpy as np
 
+from covidct.config import BOOTSTRAP_RESAMPLES, CALIBRATION_IMAGES, TARGET_SENSITIVITY
 from covidct.data import raw_arrays, split_arrays
 from covidct.errors import CovidctError
 from covidct.evaluate import evaluate
-from covidct.fsutil import atomic_dir
+from covidct.fsutil import atomic_dir, refuse_existing, sha256
 from covidct.guard import GUARD_FILE, calibrate
+from covidct.manifest import MANIFEST_FILE, SCHEMA_VERSION, Manifest
+from covidct.modelio import read_run_config
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.quantize import is_quantization_aware
 from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
 from covidct.versions import cpu_kind, library_versions
 from export.errors import ExportError, ParityError
-from export.formats import export_format, parse_formats, sha256
+from export.formats import export_format, parse_formats
 from export.meaning import LABELS, N_VECTORS, onnx_metadata, vector_tolerance, write_vectors
 from export.serving import write_serving_saved_model, write_warmup
 from export.skew import markdown as skew_markdown
@@ -51,17 +53,32 @@ def _summary(report: dict) -> dict:
   return {k: report[k] for k in keep if k in report}
 
 
-def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bool = False, n_calibration: int = 200,
-                 target_sensitivity: float = 0.90, n_boot: int = 1000, progress=print) -> dict:
+def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bool = False,
+                 n_calibration: int = CALIBRATION_IMAGES, target_sensitivity: float = TARGET_SENSITIVITY,
+                 n_boot: int = BOOTSTRAP_RESAMPLES, progress=print) -> Manifest:
   """Exports `formats` of the SavedModel in `model_dir` into `out_dir` with parity.json/.md and manifest.json.
 
-  Raises ParityError (after writing the folder, so its report can be read) when any artifact fails parity.
+  Args:
+    model_dir: a `covidct train` (or qat, ensemble) output folder, or its saved_model/.
+    out_dir: the export folder to write (must not exist unless `overwrite`).
+    formats: comma-separated format names, or "all".
+    data_dir: the TFDS data dir holding covid_ct.
+    overwrite: replace an existing `out_dir`.
+    n_calibration: train images that calibrate the int8 formats.
+    target_sensitivity: the operating threshold reaches this sensitivity on validation.
+    n_boot: bootstrap resamples behind the confidence intervals.
+    progress: called with one line per step.
+  Returns:
+    The Manifest written to `out_dir`.
+  Raises:
+    CovidctError: bad input (folder exists, no SavedModel, unknown format).
+    ParityError: an artifact failed parity (after the folder is written, so its report can be read).
   """
   formats = parse_formats(formats)
   out = pathlib.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
+  refuse_existing(out, overwrite)
   saved_model = resolve_saved_model(model_dir)
+  training_config = read_run_config(model_dir) or None
   quantization_aware = is_quantization_aware(saved_model)
   reference = SavedModelRunner(saved_model)
   size = reference.image_size
@@ -133,6 +150,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       if p.is_file():
         files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     manifest = {
+        "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_model": str(pathlib.Path(model_dir).resolve()),
         **base,
@@ -155,10 +173,10 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
           **({"onnxruntime_session_config": ONNX_SESSION_CONFIG} if r.format.startswith("onnx") else {})}
       manifest["metrics"][r.format] = {"test": {"roc_auc": r.roc_auc, "sensitivity": r.sensitivity,
                                                 "specificity": r.specificity, "agreement": r.agreement}}
-    config = pathlib.Path(model_dir) / "config.json"
-    if config.exists():
-      manifest["training_config"] = json.loads(config.read_text())
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if training_config is not None:
+      manifest["training_config"] = training_config
+    manifest = Manifest.from_dict(manifest, str(out / MANIFEST_FILE))
+    manifest.save(tmp)
   if not report["passed"]:
     failed = [a for a in report["artifacts"] if not a["passed"]]
     raise ParityError(f"{len(failed)} artifact(s) failed parity ({', '.join(a['format'] for a in failed)}): "

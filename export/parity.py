@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from covidct.evaluate import ranking_metrics, threshold_metrics
+from covidct.metrics import ranking_metrics, threshold_metrics
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from export.errors import ParityError
 from export.formats import FORMATS, QUANTIZED

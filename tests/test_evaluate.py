@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from covidct.cli import main
-from covidct.evaluate import bootstrap_ci, choose_threshold, ranking_metrics, threshold_metrics
+from covidct.metrics import bootstrap_ci, choose_threshold, ranking_metrics, threshold_metrics
 
 Y = np.array([0, 0, 1, 1, 1])
 P = np.array([0.1, 0.6, 0.4, 0.8, 0.9])

@@ -15,10 +15,16 @@ from covidct.cli.data import data  # noqa: E402  pylint: disable=wrong-import-po
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="covidct")
-def main():
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own log lines and library warnings too.")
+def main(verbose):
   """COVID-CT: build the dataset, train, evaluate, export, push and benchmark a COVID-19 CT classifier."""
   import signal  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
+
+  if not verbose:
+    from covidct.cli.quiet import quiet_python  # pylint: disable=import-outside-toplevel
+
+    quiet_python()
 
   # A terminated run unwinds like an interrupted one, so no temporary folder is left behind.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -29,3 +35,15 @@ for _module in (training, evaluation, artifacts, jobs):
   for _command in vars(_module).values():
     if isinstance(_command, click.Command):
       main.add_command(_command)
+
+
+def entry():
+  """The `covidct` console command: `main`, with TensorFlow's start-up lines filtered from the console unless
+  --verbose (or COVIDCT_VERBOSE=1) is given."""
+  import sys  # pylint: disable=import-outside-toplevel
+
+  if "--verbose" not in sys.argv[1:2] and os.environ.get("COVIDCT_VERBOSE", "") in ("", "0"):
+    from covidct.cli.quiet import install  # pylint: disable=import-outside-toplevel
+
+    install()
+  main()  # pylint: disable=no-value-for-parameter

@@ -1,5 +1,5 @@
 """`python -m covidct.cli ...`: the covidct command, for a fresh process of the same interpreter."""
 
-from covidct.cli import main
+from covidct.cli import entry
 
-main()
+entry()

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from covidct.cli.options import DATA_DIR, friendly, given, positive
+from covidct.cli.options import BOOTSTRAP, CALIBRATION, DATA_DIR, OVERWRITE, friendly, given
 
 
 @click.command("export")
@@ -15,11 +15,10 @@ from covidct.cli.options import DATA_DIR, friendly, given, positive
 @click.option("--formats", default="all", show_default=True,
               help="Comma-separated: tflite_float32, tflite_float16, tflite_dynamic, tflite_int8, onnx_float32, "
                    "onnx_int8, or all.")
-@click.option("--calibration-images", default=200, show_default=True, type=int, callback=positive,
-              help="Train-split images used to calibrate the int8 formats.")
-@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True)
+@CALIBRATION
+@BOOTSTRAP
 @DATA_DIR
-@click.option("--overwrite", is_flag=True)
+@OVERWRITE
 @friendly
 def export_cmd(model_dir, out_dir, formats, calibration_images, n_boot, data_dir, overwrite):
   """Export MODEL_DIR's SavedModel to TFLite and ONNX, check parity, write manifest.json."""

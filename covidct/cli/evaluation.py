@@ -6,7 +6,7 @@ import json
 
 import click
 
-from covidct.cli.options import DATA_DIR, OVERWRITE, friendly
+from covidct.cli.options import BOOTSTRAP, DATA_DIR, OVERWRITE, TARGET, friendly
 
 
 @click.command("evaluate")
@@ -14,9 +14,8 @@ from covidct.cli.options import DATA_DIR, OVERWRITE, friendly
 @click.option("--split", type=click.Choice(["test", "validation", "train"]), default="test", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Report folder (default: MODEL/evaluation-SPLIT for a folder, else next to the file).")
-@click.option("--target-sensitivity", type=float, default=0.90, show_default=True,
-              help="The operating threshold is the highest one reaching this sensitivity on validation.")
-@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Resamples over patients.")
+@TARGET
+@BOOTSTRAP
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average each image with its mirror.")
 @click.option("--folder", type=click.Path(), default=None,
               help="Score your own labelled images instead of a split: FOLDER/COVID/* and FOLDER/NonCOVID/* (PNG, "
@@ -34,41 +33,11 @@ def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, folder
   --folder; write a report with the shortcut audit.
 
   Several models: their mean probability is evaluated (an ensemble); --out is then required."""
-  import pathlib  # pylint: disable=import-outside-toplevel
+  from covidct.evaluate import evaluate_models, markdown  # pylint: disable=import-outside-toplevel
 
-  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
-
-  if not 0 < target_sensitivity <= 1:
-    raise CovidctError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}.")
-  if len(models) > 1 and not out_dir:
-    raise CovidctError("an ensemble of several models needs --out for its report.")
-  if (patients_csv or threshold is not None) and not folder:
-    raise CovidctError("--patients and --threshold go with --folder (a split's threshold is chosen on validation).")
-  path = pathlib.Path(models[0])
-  name = f"evaluation-{pathlib.Path(folder).name if folder else split}"
-  out = pathlib.Path(out_dir) if out_dir else (path / name if path.is_dir() else path.with_name(f"{path.stem}-{name}"))
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another with --out or pass --overwrite.")
-  from covidct.evaluate import evaluate, evaluate_folder, markdown, write_report  # pylint: disable=import-outside-toplevel
-  from covidct.runners import EnsembleRunner, FlipTTARunner, load_runner  # pylint: disable=import-outside-toplevel
-
-  runners = [load_runner(m) for m in models]
-  runner = runners[0] if len(runners) == 1 else EnsembleRunner(runners)
-  if tta:
-    runner = FlipTTARunner(runner)
-  if folder:
-    from covidct.predict import model_threshold  # pylint: disable=import-outside-toplevel
-
-    report = evaluate_folder(runner, runner.image_size, folder, model_threshold(models[0], threshold),
-                             patients_csv=patients_csv, n_boot=n_boot)
-  else:
-    report = evaluate(runner, runner.image_size, data_dir=data_dir, split=split,
-                      target_sensitivity=target_sensitivity, n_boot=n_boot, shortcut_audit=True)
-  report["model"] = [str(m) for m in models] if len(models) > 1 else str(path)
-  report["test_time_augmentation"] = "horizontal flip" if tta else None
-  title = (f"Evaluation of {' + '.join(pathlib.Path(m).name for m in models)}{' with flip TTA' if tta else ''}"
-           f"{f' on {folder}' if folder else ''}")
-  write_report(report, out, overwrite=overwrite, title=title)
+  report, out, title = evaluate_models(models, split=split, out_dir=out_dir, target_sensitivity=target_sensitivity,
+                                       n_boot=n_boot, tta=tta, folder=folder, patients_csv=patients_csv,
+                                       threshold=threshold, data_dir=data_dir, overwrite=overwrite)
   click.echo(markdown(report, title))
   click.echo(f"Report: {out}/report.md")
 

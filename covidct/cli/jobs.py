@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from covidct.cli.options import DATA_DIR, friendly, int_list, positive
+from covidct.cli.options import BOOTSTRAP, DATA_DIR, friendly, int_list, positive
 
 
 @click.command("bench")
@@ -30,11 +30,10 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
   """Latency and throughput of every artifact in ARTIFACTS_DIR (a `covidct export` folder) on every runtime."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
-  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.fsutil import refuse_existing  # pylint: disable=import-outside-toplevel
 
   out = pathlib.Path(out_dir) if out_dir else pathlib.Path(artifacts_dir) / "bench"
-  if out.exists() and not overwrite:
-    raise CovidctError(f"output folder {out} exists; choose another with --out or pass --overwrite.")
+  refuse_existing(out, overwrite)
   from benchmarks.report import markdown  # pylint: disable=import-outside-toplevel
   from benchmarks.run import run_benchmark  # pylint: disable=import-outside-toplevel
 
@@ -54,7 +53,7 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
 @click.option("--image-size", type=int, default=None, callback=positive)
 @click.option("--seed", type=int, default=None)
 @click.option("--formats", default="all", show_default=True)
-@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True)
+@BOOTSTRAP
 @click.option("--force-push", is_flag=True, help="Push even if the model is not blessed.")
 @friendly
 def pipeline_cmd(out_dir, manual_dir, data_dir, epochs, image_size, seed, formats, n_boot, force_push):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import re
 import sys
 
 import click
+
+from covidct.config import BOOTSTRAP_RESAMPLES, CALIBRATION_IMAGES, TARGET_SENSITIVITY
 
 
 def friendly(fn):
@@ -37,8 +40,9 @@ def friendly(fn):
       tf = sys.modules.get("tensorflow")
       if tf is None or not isinstance(e, tf.errors.OpError):
         raise
-      raise click.ClickException(f"TensorFlow: {type(e).__name__}: {str(e.message).splitlines()[0][:200]}; the data or "
-                                 "model files are damaged: rebuild the dataset (covidct data build) or the model.") from None
+      detail = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:.*$", "", str(e.message).splitlines()[0])[:160]
+      raise click.ClickException(f"TensorFlow: {type(e).__name__}: {detail}; the data or model files are damaged: "
+                                 "rebuild the dataset (covidct data build) or the model.") from None
 
   return wrapper
 
@@ -56,13 +60,19 @@ def os_error_message(e: OSError) -> str:
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                         help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+BOOTSTRAP = click.option("--bootstrap", "n_boot", type=int, default=BOOTSTRAP_RESAMPLES, show_default=True,
+                         help="Resamples behind each 95% confidence interval (0: none).")
+CALIBRATION = click.option("--calibration-images", type=int, default=CALIBRATION_IMAGES, show_default=True,
+                           help="Train-split images that set the 8-bit ranges.")
+TARGET = click.option("--target-sensitivity", type=float, default=TARGET_SENSITIVITY, show_default=True,
+                      help="The operating threshold is the highest one that reaches this sensitivity.")
 QUIET = click.option("--quiet", is_flag=True, help="One line per epoch instead of a progress bar.")
 WEIGHTS_DIR = click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
                            help="Backbones: folder with the Keras ImageNet weight files (offline); default: "
                                 "Keras's cache.")
 
 
-def positive(ctx, param, value):
+def positive(ctx, param, value):  # pylint: disable=unused-argument
   if value is not None and value <= 0:
     raise click.BadParameter(f"must be positive, got {value}.")
   return value
@@ -125,8 +135,9 @@ TRAINING_OPTIONS = [
     click.option("--mixup", type=float, default=None, metavar="ALPHA",
                  help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
                       "weight (0.2-0.4 is usual; 0 turns it off)."),
-    click.option("--freeze-batch-norm", is_flag=True, default=None,
-                 help="Backbones: keep batch norm in inference mode (ImageNet statistics) while fine-tuning."),
+    click.option("--freeze-batch-norm/--train-batch-norm", default=None,
+                 help="Backbones: keep batch norm in inference mode (ImageNet statistics) while fine-tuning, or let "
+                      "it learn the batch statistics (default: the recipe's; `finetune` freezes it)."),
     click.option("--weights", default=None, metavar="imagenet|none|FILE",
                  help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
                       "such as the backbone.weights.h5 of `covidct pretrain`."),

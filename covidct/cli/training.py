@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from covidct.cli.options import DATA_DIR, OVERWRITE, QUIET, WEIGHTS_DIR, friendly, given, positive, training_options
+from covidct.cli.options import (CALIBRATION, DATA_DIR, OVERWRITE, QUIET, WEIGHTS_DIR, friendly, given, positive,
+                                 training_options)
+from covidct.config import TARGET_SENSITIVITY
 
 
 @click.command("train")
@@ -33,7 +35,7 @@ def train_cmd(out_dir, overwrite, quiet, **options):
 @click.option("--fold-seed", type=int, default=0, show_default=True,
               help="Shuffles patients into folds; options compared on the same seed share their folds.")
 @click.option("--target-sensitivity", type=float, default=None, callback=positive,
-              help="Each fold's threshold is chosen on the other folds for this sensitivity (default 0.90).")
+              help=f"Each fold's threshold is chosen on the other folds for this sensitivity (default {TARGET_SENSITIVITY}).")
 @click.option("--max-minutes", type=float, default=None, callback=positive,
               help="Stop at the end of the first epoch past this time; unfinished folds are left out.")
 @training_options
@@ -55,8 +57,8 @@ def cv_cmd(out_dir, folds, fold_seed, target_sensitivity, max_minutes, overwrite
 
 @click.command("pretrain")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--model", default="mobilenet_v2_0.5", show_default=True,
-              help="Backbone: mobilenet_v2_0.35, mobilenet_v2_0.5 or mobilenet_v2_1.0.")
+@click.option("--model", default=None,
+              help="Backbone: mobilenet_v2_0.35, mobilenet_v2_0.5 (default) or mobilenet_v2_1.0.")
 @click.option("--arrays", "arrays_dir", type=click.Path(file_okay=False), default=None,
               help="Read train.npz (and validation.npz, for the probe) from this folder, as `covidct data arrays` "
                    "writes them, instead of the TFDS dataset: no TensorFlow needed (e.g. KERAS_BACKEND=jax).")
@@ -82,24 +84,15 @@ def pretrain_cmd(out_dir, model, arrays_dir, epochs, batch_size, image_size, lea
                  checkpoint_every, seed, max_minutes, probe, weights_dir, data_dir, overwrite, quiet):
   """Self-supervised (SimCLR) pretraining of a backbone on the training images, from ImageNet; writes
   backbone.weights.h5 for `covidct train --recipe finetune --weights FILE`. Labels only score the linear probe."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   import pathlib  # pylint: disable=import-outside-toplevel
 
-  from covidct.config import PretrainConfig  # pylint: disable=import-outside-toplevel
-  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
-
-  if not model.startswith("mobilenet_v2_"):
-    raise CovidctError(f"pretraining applies to backbone models (mobilenet_v2_0.35, _0.5, _1.0), not {model!r}.")
-  if pathlib.Path(out_dir).exists() and not overwrite:
-    raise CovidctError(f"output folder {out_dir} exists; choose another or pass --overwrite.")
-  given = dict(model=model, epochs=epochs, batch_size=batch_size, image_size=image_size, learning_rate=learning_rate,
-               temperature=temperature, checkpoint_every=checkpoint_every, seed=seed, weights_dir=weights_dir)
-  cfg = dataclasses.replace(PretrainConfig(), **{k: v for k, v in given.items() if v is not None})
   from covidct import pretrain  # pylint: disable=import-outside-toplevel
 
-  train, validation = pretrain.load_inputs(cfg.image_size, arrays_dir, data_dir, probe)
-  summary = pretrain.pretrain(cfg, train, out_dir, validation=validation, overwrite=overwrite,
-                              verbose=2 if quiet else 1, max_minutes=max_minutes)
+  cfg, summary = pretrain.pretrain_from_options(
+      out_dir, arrays_dir=arrays_dir, data_dir=data_dir, probe=probe, overwrite=overwrite, verbose=2 if quiet else 1,
+      max_minutes=max_minutes, **given(model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                                       learning_rate=learning_rate, temperature=temperature,
+                                       checkpoint_every=checkpoint_every, seed=seed, weights_dir=weights_dir))
   kept = next((p for p in summary["probes"] if p["epoch"] == summary["kept_epoch"]), None)
   score = f" (linear probe validation ROC AUC {kept['validation_auc']:.3f})" if kept else ""
   click.echo(f"kept epoch {summary['kept_epoch']} of {summary['epochs_run']}{score}; {summary['wall_time_s']:.0f} s. "
@@ -110,15 +103,15 @@ def pretrain_cmd(out_dir, model, arrays_dir, epochs, batch_size, image_size, lea
 @click.command("qat")
 @click.argument("run", type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--epochs", type=int, default=5, show_default=True,
-              help="QAT epochs; the best validation epoch is kept, calibration alone (epoch 0) included. 0: calibrate only.")
-@click.option("--learning-rate", type=float, default=1e-5, show_default=True, callback=positive)
-@click.option("--calibration-images", type=int, default=200, show_default=True, callback=positive,
-              help="Train-split images that set the 8-bit ranges.")
+@click.option("--epochs", type=int, default=None,
+              help="QAT epochs (default 5); the best validation epoch is kept, calibration alone (epoch 0) included. "
+                   "0: calibrate only.")
+@click.option("--learning-rate", type=float, default=None, callback=positive, help="Default 1e-5.")
+@CALIBRATION
 @click.option("--temperature", type=float, default=None, callback=positive,
               help="Divide the logit by this (default: fitted on validation, so an over-confident model's "
                    "probabilities stay apart at the 8-bit output's 1/256 step; ROC AUC is unchanged).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Default 0.")
 @DATA_DIR
 @OVERWRITE
 @QUIET
@@ -129,16 +122,17 @@ def qat_cmd(run, out_dir, epochs, learning_rate, calibration_images, temperature
   The output is a training output whose SavedModel computes in 8-bit steps (batch norm folded, int8 weights per
   channel, 8-bit activation ranges calibrated on train): export, evaluate, push and bench take it.
   """
-  if epochs < 0:
+  if epochs is not None and epochs < 0:
     raise click.BadParameter(f"must be 0 or more, got {epochs}.", param_hint="--epochs")
   from covidct.quantize import qat  # pylint: disable=import-outside-toplevel
 
-  summary = qat(run, out_dir, epochs=epochs, learning_rate=learning_rate, calibration_images=calibration_images,
-                temperature=temperature, seed=seed, data_dir=data_dir, overwrite=overwrite, verbose=2 if quiet else 1)
+  summary = qat(run, out_dir, calibration_images=calibration_images, temperature=temperature, data_dir=data_dir,
+                overwrite=overwrite, verbose=2 if quiet else 1,
+                **given(epochs=epochs, learning_rate=learning_rate, seed=seed))
   before, kept = summary["validation_before_qat"], summary["validation"]
   click.echo(f"temperature {summary['temperature']:.3g}; validation ROC AUC {before['auc']:.4f} calibrated, "
              f"{kept['auc']:.4f} kept (epoch "
-             f"{summary['epoch_kept']} of {epochs}); {summary['wall_time_s'] / 60:.1f} min; model in {out_dir}")
+             f"{summary['epoch_kept']} of {summary['epochs_run']}); {summary['wall_time_s'] / 60:.1f} min; model in {out_dir}")
 
 
 @click.command("ensemble")

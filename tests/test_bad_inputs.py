@@ -1,0 +1,326 @@
+"""The bad-input suite: every command, given what a careless or hostile user gives it, answers with one clear line
+and a non-zero exit, never a traceback, and leaves nothing half-written behind.
+
+Each case builds its bad input in a fresh folder, runs the command in-process, and asserts the exit code, the
+message, that the message is the last and only `Error:` line, and that no output folder, `*.partial-*` or
+`incomplete.*` leftover exists afterwards. More cases live beside the features they guard (test_inputs.py,
+test_export.py, test_dataset_errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from covidct.cli import main
+from tests.conftest import SIZE
+
+OUT = "out"  # each case's output path, relative to its folder: it must not exist after a refused command
+
+
+def _png(path, size=96, value=None):
+  rng = np.random.default_rng(0)
+  pixels = np.full((size, size), value, np.uint8) if value is not None else (rng.random((size, size)) * 255).astype(
+      np.uint8)
+  Image.fromarray(pixels).save(path)
+  return str(path)
+
+
+def _copy(src, dst) -> pathlib.Path:
+  shutil.copytree(src, dst, symlinks=True)
+  return pathlib.Path(dst)
+
+
+def _truncated_data(ctx):
+  data = _copy(ctx["data"], ctx["tmp"] / "data")
+  for f in data.rglob("*.tfrecord*"):
+    b = f.read_bytes()
+    f.write_bytes(b[:len(b) // 2])
+  return str(data)
+
+
+def _edited_manifest(ctx, edit):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  (copy / "manifest.json").write_text(edit(json.loads((copy / "manifest.json").read_text())))
+  return str(copy)
+
+
+def _class_folders(ctx, covid=1, noncovid=1, bad=False, missing=None):
+  root = ctx["tmp"] / "folder"
+  for name, n in (("COVID", covid), ("NonCOVID", noncovid)):
+    if name == missing:
+      continue
+    (root / name).mkdir(parents=True)
+    for i in range(n):
+      _png(root / name / f"{i}.png")
+  if bad:
+    (root / "COVID" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+  return str(root)
+
+
+def _run_with_damaged_keras(ctx):
+  run = ctx["tmp"] / "run"
+  run.mkdir()
+  (run / "model.keras").write_bytes(b"PK\x03\x04 not really a zip")
+  (run / "config.json").write_text(json.dumps({"model": "mobilenet_v2_0.35", "image_size": SIZE}))
+  return str(run)
+
+
+def _blessing(ctx, text):
+  serving = ctx["tmp"] / "serving"
+  (serving / "1").mkdir(parents=True)
+  (serving / "1" / "blessing.json").write_text(text)
+  return str(serving)
+
+
+def _flipped(ctx, name):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  data = bytearray((copy / name).read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  (copy / name).write_bytes(bytes(data))
+  return str(copy / name)
+
+
+def _file(ctx, name, content: bytes):
+  path = ctx["tmp"] / name
+  path.write_bytes(content)
+  return str(path)
+
+
+def _no_permission(ctx):  # /sys refuses new entries to everyone, root included: a real EPERM/EACCES
+  if os.access("/sys", os.W_OK) and not pathlib.Path("/sys/class").exists():
+    pytest.skip("no /sys that refuses writes on this machine")
+  return "/sys/covidct-bad-input-test"
+
+
+G = ["--min-roc-auc", "0", "--min-sensitivity", "0", "--min-specificity", "0"]
+
+# (id, function of ctx -> argv, exit code, expected text in the error line)
+CASES = [
+    # data
+    ("data build: no manual dir", lambda c: ["data", "build", "--manual-dir", str(c["tmp"] / "nope"),
+                                            "--data-dir", str(c["tmp"] / OUT)], 1, "does not exist; point it at"),
+    ("data build: manual dir is a file", lambda c: ["data", "build", "--manual-dir", _file(c, "f", b"x"),
+                                                   "--data-dir", str(c["tmp"] / OUT)], 2, "is a file"),
+    ("data info: nothing built", lambda c: ["data", "info", "--data-dir", str(c["tmp"])], 1, "is not prepared"),
+    # train
+    ("train: zero epochs", lambda c: ["train", "--epochs", "0", "--out", str(c["tmp"] / OUT)], 2, "must be positive"),
+    ("train: tiny images", lambda c: ["train", "--image-size", "7", "--out", str(c["tmp"] / OUT), "--data-dir",
+                                      c["data"]], 1, "at least 32 pixels"),
+    ("train: unknown recipe", lambda c: ["train", "--recipe", "magic", "--out", str(c["tmp"] / OUT)], 2,
+     "is not one of"),
+    ("train: unknown model", lambda c: ["train", "--model", "resnet9000", "--out", str(c["tmp"] / OUT),
+                                        "--data-dir", c["data"]], 1, "resnet9000"),
+    ("train: negative learning rate", lambda c: ["train", "--learning-rate", "-1", "--out", str(c["tmp"] / OUT)], 2,
+     "must be positive"),
+    ("train: output exists", lambda c: ["train", "--out", str(c["model_dir"]), "--data-dir", c["data"]], 1,
+     "exists; choose another or pass --overwrite"),
+    ("train: no dataset", lambda c: ["train", "--out", str(c["tmp"] / OUT), "--data-dir", str(c["tmp"]),
+                                     "--epochs", "1"], 1, "is not prepared"),
+    ("train: no backbone weights", lambda c: ["train", "--recipe", "finetune", "--weights-dir", str(c["tmp"]),
+                                              "--out", str(c["tmp"] / OUT), "--data-dir", c["data"], "--epochs", "1",
+                                              "--image-size", str(SIZE)], 1, "ImageNet no-top weights"),
+    ("train: truncated TFRecords", lambda c: ["train", "--out", str(c["tmp"] / OUT), "--data-dir", _truncated_data(c),
+                                              "--epochs", "1", "--image-size", str(SIZE), "--batch-size", "4"], 1,
+     "DataLossError: truncated record"),
+    ("train: no permission to write", lambda c: ["train", "--out", _no_permission(c), "--data-dir", c["data"],
+                                                 "--epochs", "1", "--image-size", str(SIZE), "--batch-size", "4"], 1,
+     "check the permissions"),
+    # evaluate
+    ("evaluate: no such model", lambda c: ["evaluate", str(c["tmp"] / "nope"), "--data-dir", c["data"]], 1,
+     "does not exist; pass a training output folder"),
+    ("evaluate: damaged .keras", lambda c: ["evaluate", str(pathlib.Path(_run_with_damaged_keras(c)) / "model.keras"),
+                                            "--data-dir", c["data"], "--out", str(c["tmp"] / OUT)], 1,
+     "not a loadable Keras model"),
+    ("evaluate: a text file as model", lambda c: ["evaluate", _file(c, "model.txt", b"x"), "--data-dir", c["data"]], 1,
+     "unknown model format '.txt'"),
+    ("evaluate: unknown split", lambda c: ["evaluate", str(c["exported"]), "--split", "holdout"], 2, "is not one of"),
+    ("evaluate --folder: empty class", lambda c: ["evaluate", str(c["exported"] / "model_float32.onnx"), "--folder",
+                                                  _class_folders(c, noncovid=0), "--out", str(c["tmp"] / OUT)], 1,
+     "holds no image"),
+    ("evaluate --folder: missing class", lambda c: ["evaluate", str(c["exported"] / "model_float32.onnx"), "--folder",
+                                                    _class_folders(c, missing="NonCOVID"), "--out",
+                                                    str(c["tmp"] / OUT)], 1, "has no NonCOVID/ folder"),
+    ("evaluate --folder: unreadable image", lambda c: ["evaluate", str(c["exported"] / "model_float32.onnx"),
+                                                       "--folder", _class_folders(c, bad=True), "--out",
+                                                       str(c["tmp"] / OUT)], 1, "broken.png: not a readable image"),
+    ("evaluate --folder: patients CSV without columns", lambda c: [
+        "evaluate", str(c["exported"] / "model_float32.onnx"), "--folder", _class_folders(c), "--patients",
+        _file(c, "p.csv", b"garbage\n1,2\n"), "--out", str(c["tmp"] / OUT)], 1, "cannot read columns file,patient_id"),
+    ("evaluate: truncated TFRecords", lambda c: ["evaluate", str(c["exported"] / "model_float32.onnx"), "--data-dir",
+                                                 _truncated_data(c), "--out", str(c["tmp"] / OUT)], 1,
+     "rebuild the dataset"),
+    # export
+    ("export: no SavedModel", lambda c: ["export", str(c["tmp"]), "--out", str(c["tmp"] / OUT)], 1,
+     "holds no SavedModel"),
+    ("export: unknown format", lambda c: ["export", str(c["model_dir"]), "--out", str(c["tmp"] / OUT), "--formats",
+                                          "tflite_int3"], 1, "unknown format(s) ['tflite_int3']"),
+    ("export: output exists", lambda c: ["export", str(c["model_dir"]), "--out", str(c["exported"])], 1,
+     "exists; choose another or pass --overwrite"),
+    ("export: truncated variables", lambda c: ["export", _truncated_variables(c), "--out", str(c["tmp"] / OUT),
+                                               "--data-dir", c["data"], "--formats", "tflite_float32"], 1,
+     "cannot load the SavedModel"),
+    ("export: config.json not JSON", lambda c: ["export", _run_copy(c, config="{oops"), "--out", str(c["tmp"] / OUT),
+                                                "--data-dir", c["data"], "--formats", "tflite_float32"], 1,
+     "config.json is not a covidct training config (JSONDecodeError"),
+    ("export: config.json a list", lambda c: ["export", _run_copy(c, config="[1, 2]"), "--out", str(c["tmp"] / OUT),
+                                              "--data-dir", c["data"], "--formats", "tflite_float32"], 1,
+     "not a covidct training config (a JSON list)"),
+    ("export: out under a file", lambda c: ["export", str(c["model_dir"]), "--out",
+                                            str(pathlib.Path(_file(c, "a_file", b"x")) / OUT), "--data-dir",
+                                            c["data"], "--formats", "tflite_float32"], 1,
+     "a file stands where a folder should be"),
+    # push
+    ("push: empty manifest", lambda c: ["push", _edited_manifest(c, lambda m: ""), "--serving",
+                                        str(c["tmp"] / OUT), "--data-dir", c["data"], "--force"], 1,
+     "manifest.json is not a covidct manifest (JSONDecodeError"),
+    ("push: manifest a list", lambda c: ["push", _edited_manifest(c, lambda m: "[]"), "--serving",
+                                         str(c["tmp"] / OUT), "--data-dir", c["data"]], 1, "(a JSON list, not an object)"),
+    ("push: manifest without fields", lambda c: ["push", _edited_manifest(c, lambda m: "{}"), "--serving",
+                                                 str(c["tmp"] / OUT), "--data-dir", c["data"]], 1, "(missing labels"),
+    ("push: manifest from the future", lambda c: ["push", _edited_manifest(
+        c, lambda m: json.dumps({**m, "schema_version": 99})), "--serving", str(c["tmp"] / OUT), "--data-dir",
+        c["data"]], 1, "has schema version 99"),
+    ("push: manifest threshold not a number", lambda c: ["push", _edited_manifest(
+        c, lambda m: json.dumps({**m, "operating_threshold": {"value": "high"}})), "--serving", str(c["tmp"] / OUT),
+        "--data-dir", c["data"]], 1, "are malformed"),
+    ("push: manifest with zeroed hashes", lambda c: ["push", _edited_manifest(c, lambda m: json.dumps(
+        {**m, "files": {k: {**v, "sha256": "0" * 64} for k, v in m["files"].items()}})), "--serving",
+        str(c["tmp"] / OUT), "--data-dir", c["data"], "--force"], 1, "does not match its SHA-256"),
+    ("push: damaged blessing.json", lambda c: ["push", str(c["exported"]), "--serving", _blessing(c, "{oops"),
+                                               "--data-dir", c["data"], *G], 1,
+     "blessing.json is not a covidct blessing record"),
+    ("push: empty blessing.json", lambda c: ["push", str(c["exported"]), "--serving", _blessing(c, ""),
+                                             "--data-dir", c["data"], *G], 1, "move version 1 out of"),
+    ("push: blessing.json a number", lambda c: ["push", str(c["exported"]), "--serving", _blessing(c, "3"),
+                                                "--data-dir", c["data"], *G], 1, "(a JSON int)"),
+    ("push --list: damaged blessing.json", lambda c: ["push", "--list", "--serving", _blessing(c, "{oops")], 1,
+     "is not a covidct blessing record"),
+    ("push: floor above 1", lambda c: ["push", str(c["exported"]), "--serving", str(c["tmp"] / OUT),
+                                       "--min-roc-auc", "1.5"], 1, "must be a number from 0 to 1"),
+    ("push: no export", lambda c: ["push", "--serving", str(c["tmp"] / OUT)], 2, "EXPORT_DIR is required"),
+    ("push: a training folder", lambda c: ["push", str(c["model_dir"]), "--serving", str(c["tmp"] / OUT)], 1,
+     "has no manifest.json; pass a folder written by `covidct export`"),
+    # predict
+    ("predict: a folder as image", lambda c: ["predict", str(c["tmp"]), "--model", str(c["exported"])], 1,
+     "no such file"),
+    ("predict: empty file", lambda c: ["predict", _file(c, "e.png", b""), "--model", str(c["exported"])], 1,
+     "not a readable image"),
+    ("predict: truncated PNG", lambda c: ["predict", _file(c, "t.png", pathlib.Path(_png(c["tmp"] / "ok.png"))
+                                                        .read_bytes()[:200]), "--model", str(c["exported"])], 1,
+     "not a readable image"),
+    ("predict: no such model", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                          str(c["tmp"] / "m.onnx")], 1, "does not exist"),
+    ("predict: random bytes as .onnx", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                  _file(c, "r.onnx", os.urandom(2000))], 1, "not a loadable ONNX model"),
+    ("predict: random bytes as .tflite", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                    _file(c, "r.tflite", os.urandom(2000))], 1,
+     "not a loadable TFLite model"),
+    ("predict: empty .tflite", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model", _file(c, "e.tflite", b"")],
+     1, "not a loadable TFLite model"),
+    ("predict: unknown model format", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                 _file(c, "m.pt", b"x")], 1, "unknown model format '.pt'"),
+    ("predict: bytes flipped in an exported .tflite", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                                 _flipped(c, "model_float32.tflite")], 1,
+     "does not match the SHA-256 that"),
+    ("predict: bytes flipped in an exported .onnx", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                               _flipped(c, "model_float32.onnx"), "--threshold",
+                                                               "0.5"], 1, "does not match the SHA-256 that"),
+    ("predict: damaged manifest beside the model", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                              _edited_manifest(c, lambda m: "{")], 1,
+     "is not a covidct manifest"),
+    ("predict: damaged guard.json", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model", _damaged_guard(c)], 1,
+     "not a covidct input guard"),
+    ("predict --strict: a blank image", lambda c: ["predict", _png(c["tmp"] / "blank.png", value=0), "--model",
+                                                   str(c["exported"]), "--strict"], 1, "refused (--strict)"),
+    ("predict: threshold 1", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model", str(c["exported"]),
+                                        "--threshold", "1"], 1, "strictly between 0 and 1"),
+    # verify
+    ("verify: a lone copy without vectors", lambda c: ["verify", _lone(c)], 1, "no test vectors"),
+    ("verify: junk vectors", lambda c: ["verify", _junk_vectors(c)], 1, "are damaged"),
+    # bench
+    ("bench: not an export", lambda c: ["bench", str(c["tmp"]), "--out", str(c["tmp"] / OUT)], 1,
+     "has no manifest.json"),
+    ("bench: damaged manifest", lambda c: ["bench", _edited_manifest(c, lambda m: "nope"), "--out",
+                                           str(c["tmp"] / OUT)], 1, "is not a covidct manifest"),
+    # compare
+    ("compare: not a run", lambda c: ["compare", str(c["tmp"])], 1, "has no config.json"),
+    ("compare: config.json a list", lambda c: ["compare", _run_copy(c, config="[]")], 1, "cannot read its config.json"),
+    # cv
+    ("cv: one fold", lambda c: ["cv", "--folds", "1", "--out", str(c["tmp"] / OUT), "--data-dir", c["data"]], 1,
+     "cross-validation needs 2 <= k"),
+    ("cv: more folds than patients", lambda c: ["cv", "--folds", "1000", "--out", str(c["tmp"] / OUT), "--data-dir",
+                                                c["data"]], 1, "got k=1000"),
+    # qat, ensemble
+    ("qat: not a MobileNetV2", lambda c: ["qat", str(c["model_dir"]), "--out", str(c["tmp"] / OUT), "--data-dir",
+                                          c["data"]], 1, "supports the MobileNetV2 models"),
+    ("qat: damaged model.keras", lambda c: ["qat", _run_with_damaged_keras(c), "--out", str(c["tmp"] / OUT),
+                                            "--data-dir", c["data"]], 1, "not a loadable Keras model"),
+    ("ensemble: damaged member", lambda c: ["ensemble", str(c["model_dir"]), _run_with_damaged_keras(c), "--out",
+                                            str(c["tmp"] / OUT)], 1, "not a loadable Keras model"),
+    # pipeline
+    ("pipeline: no manual dir", lambda c: ["pipeline", "--manual-dir", str(c["tmp"] / "nope"), "--out",
+                                           str(c["tmp"] / OUT), "--data-dir", str(c["tmp"] / "data")], 1,
+     "does not exist; point it at"),
+]
+
+
+def _truncated_variables(ctx):
+  run = _copy(ctx["model_dir"], ctx["tmp"] / "run")
+  for f in (run / "saved_model" / "variables").glob("*.data*"):
+    f.write_bytes(f.read_bytes()[:100])
+  return str(run)
+
+
+def _run_copy(ctx, config: str):
+  run = _copy(ctx["model_dir"], ctx["tmp"] / "run")
+  (run / "config.json").write_text(config)
+  return str(run)
+
+
+def _damaged_guard(ctx):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  (copy / "guard.json").write_text("{")
+  return str(copy / "model_float32.onnx")
+
+
+def _lone(ctx):
+  (ctx["tmp"] / "lone").mkdir()
+  return str(shutil.copy(ctx["exported"] / "model_float32.tflite", ctx["tmp"] / "lone"))
+
+
+def _junk_vectors(ctx):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  for f in (copy / "test_data").rglob("*.npz"):
+    f.write_bytes(b"junk")
+  return str(copy / "model_float32.tflite")
+
+
+def test_the_suite_is_large_enough():
+  assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("argv, code, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_clear_line(argv, code, message, exported, model_dir, dummy_data_dir, tmp_path):
+  ctx = {"tmp": tmp_path, "exported": exported, "model_dir": model_dir, "data": str(dummy_data_dir)}
+  before = sorted(p.name for p in exported.iterdir())
+  res = CliRunner().invoke(main, argv(ctx))
+  assert res.exit_code == code, res.output
+  assert "Traceback" not in res.output and not (res.exception and not isinstance(res.exception, SystemExit)), \
+      repr(res.exception)
+  lines = [l for l in res.stderr.splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith("Error:")]
+  assert len(errors) == 1 and lines[-1] == errors[0], res.stderr  # one error line, and the last word
+  assert message in errors[0], errors[0]
+  assert not (tmp_path / OUT).exists()
+  left = [str(p) for p in tmp_path.rglob("*") if ".partial" in p.name or p.name.startswith("incomplete.")]
+  assert not left, left
+  assert sorted(p.name for p in exported.iterdir()) == before  # the shared export is never touched
