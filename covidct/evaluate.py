@@ -17,8 +17,8 @@ from covidct.metrics import THRESHOLD_METRICS, choose_threshold, evaluate_probab
 from covidct.reporting import fmt_ci
 
 def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_dir=None, split: str = "test",
-             target_sensitivity: float = TARGET_SENSITIVITY, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0, arrays: dict | None = None,
-             shortcut_audit: bool = False) -> dict:
+             target_sensitivity: float = TARGET_SENSITIVITY, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+             arrays: dict | None = None, shortcut_audit: bool = False) -> dict:
   """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split`, with the threshold chosen on validation.
 
   `arrays` may hold preloaded {'validation': split_arrays(...), split: split_arrays(...)} to score many models

@@ -150,11 +150,17 @@ def made_up_inputs(size: int, n: int = 20, seed: int = 0) -> dict[str, np.ndarra
   return {k: np.clip(np.stack(v), 0, 255).astype(np.uint8)[..., None] for k, v in out.items()}
 
 
-def load_guard_near(model_path) -> Guard | None:
-  """The guard.json beside or above an artifact (as `covidct export` writes it), or None."""
+def find_guard(model_path) -> pathlib.Path | None:
+  """The path of the guard.json beside or above an artifact (as `covidct export` writes it), or None."""
   p = pathlib.Path(model_path).resolve()
   for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent]:
     for cand in (d / GUARD_FILE, d / "assets.extra" / GUARD_FILE):
       if cand.exists():
-        return Guard.load(cand)
+        return cand
   return None
+
+
+def load_guard_near(model_path) -> Guard | None:
+  """The guard.json beside or above an artifact, loaded, or None."""
+  path = find_guard(model_path)
+  return Guard.load(path) if path is not None else None

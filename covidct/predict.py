@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 
 from covidct.errors import CovidctError
 
+LABELS = ("NonCOVID", "COVID")  # label 0, label 1
 BATCH_SIZE = 64  # images decoded and held at once: memory stays flat however many files there are
 
 
@@ -57,25 +58,45 @@ def check_threshold(threshold: float) -> float:
   return float(threshold)
 
 
-def load_image(path, size: int, with_size: bool = False):
-  """A file -> (size, size, 1) uint8 (and, `with_size`, the file's (height, width)), or CovidctError saying why it
-  cannot be read."""
+def decode_image(data: bytes, name: str, size: int):
+  """An encoded image's bytes -> ((size, size, 1) uint8 resized as in training, the file's (height, width)), or a
+  CovidctError naming `name` and why it cannot be read. `covidct predict` and the bulk path both decode here."""
   from covidct.data import resize_image  # pylint: disable=import-outside-toplevel
   from tfds_covidct.covid_ct.covid_ct_dataset_builder import CovidCtError, decode_grayscale  # pylint: disable=import-outside-toplevel
 
+  try:
+    image, _ = decode_grayscale(data, name)
+  except CovidCtError as e:
+    if "claims" in str(e):
+      raise CovidctError(str(e)) from e
+    raise CovidctError(f"{name}: not a readable image (PNG, JPEG or TIFF expected).") from e
+  return resize_image(image, size).numpy(), tuple(image.shape[:2])
+
+
+def load_image(path, size: int, with_size: bool = False):
+  """A file -> (size, size, 1) uint8 (and, `with_size`, the file's (height, width)), or CovidctError saying why it
+  cannot be read."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise CovidctError(f"{path}: no such file.")
   try:
-    image, _ = decode_grayscale(path.read_bytes(), str(path))
-  except CovidCtError as e:
-    if "claims" in str(e):
-      raise CovidctError(str(e)) from e
-    raise CovidctError(f"{path}: not a readable image (PNG, JPEG or TIFF expected).") from e
+    data = path.read_bytes()
   except OSError as e:
     raise CovidctError(f"{path}: cannot be read ({e.strerror or e}).") from e
-  resized = resize_image(image, size).numpy()
-  return (resized, image.shape[:2]) if with_size else resized
+  resized, original = decode_image(data, str(path), size)
+  return (resized, original) if with_size else resized
+
+
+def record(file: str, probability: float, threshold: float, reasons: str = "", strict: bool = False) -> dict:
+  """What predict (and the bulk path) report for one scored file: {'file', 'probability', 'label', 'threshold'},
+  plus 'warning' when the input guard gave `reasons`, or {'file', 'error'} for a flagged image under `strict`."""
+  if reasons and strict:
+    return {"file": file, "error": f"{file}: does not look like a CT slice ({reasons}); refused (--strict)."}
+  r = {"file": file, "probability": float(probability), "label": LABELS[int(probability >= threshold)],
+       "threshold": threshold}
+  if reasons:
+    r["warning"] = f"does not look like a CT slice: {reasons}; do not trust this result"
+  return r
 
 
 def predictions(runner, files: Iterable, threshold: float, batch_size: int | None = None, guard=None,
@@ -92,14 +113,7 @@ def predictions(runner, files: Iterable, threshold: float, batch_size: int | Non
       if isinstance(im, str):
         yield {"file": f, "error": im}
         continue
-      p = float(next(probs))
-      r = {"file": f, "probability": p, "label": "COVID" if p >= threshold else "NonCOVID", "threshold": threshold}
-      if f in warnings:
-        if strict:
-          yield {"file": f, "error": f"{f}: does not look like a CT slice ({warnings[f]}); refused (--strict)."}
-          continue
-        r["warning"] = f"does not look like a CT slice: {warnings[f]}; do not trust this result"
-      yield r
+      yield record(f, float(next(probs)), threshold, warnings.get(f, ""), strict)
 
   batch_size = batch_size or BATCH_SIZE
   batch, warnings = [], {}
@@ -130,13 +144,12 @@ def model_threshold(model_path, threshold: float | None = None) -> dict:
   return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
 
 
-def predict_files(model_path, files, threshold: float | None = None, strict: bool = False
-                  ) -> tuple[list[dict], list[str], dict]:
-  """Scores every readable file; returns (results, errors, where the threshold came from): `threshold` if given,
-  else the artifact's own metadata (.onnx), else a manifest.json beside or above it, else 0.5."""
-  from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
-
+def predict_stream(model_path, files, threshold: float | None = None, strict: bool = False) -> tuple[dict, Iterator]:
+  """(where the threshold came from, an iterator of one record per file, in order): `threshold` if given, else the
+  artifact's own metadata (.onnx), else a manifest.json beside or above it, else 0.5. Files are read as the iterator
+  is consumed, BATCH_SIZE at a time, so memory stays flat however many there are."""
   from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
+  from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
   found = find_manifest(model_path)
   if found is not None:
@@ -145,8 +158,15 @@ def predict_files(model_path, files, threshold: float | None = None, strict: boo
   source = model_threshold(model_path, threshold)
   guard = load_guard_near(model_path)
   source["input_guard"] = "on" if guard is not None else "off (no guard.json beside the model: export it)"
+  return source, predictions(runner, files, source["value"], guard=guard, strict=strict)
+
+
+def predict_files(model_path, files, threshold: float | None = None, strict: bool = False
+                  ) -> tuple[list[dict], list[str], dict]:
+  """Scores every readable file; returns (results, errors, where the threshold came from) (see predict_stream)."""
+  source, stream = predict_stream(model_path, files, threshold, strict)
   results, errors = [], []
-  for r in predictions(runner, files, source["value"], guard=guard, strict=strict):
+  for r in stream:
     if "error" in r:
       errors.append(r["error"])
     else:

@@ -168,9 +168,10 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
   assert "quantization-aware" in (export / "parity.md").read_text()
   manifest = json.loads((export / "manifest.json").read_text())
   assert manifest["quantization_aware"]
+  from covidct.manifest import Manifest
   from covidct.push import model_card
 
-  assert "quantization-aware (`covidct qat`)" in model_card(manifest, 1)
+  assert "quantization-aware (`covidct qat`)" in model_card(Manifest.load(export), 1)
   assert manifest["artifacts"]["onnx_int8"]["quant_format"].startswith("QDQ (from quantization-aware")
   assert set(manifest["artifacts"]) == {"tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8",
                                         "onnx_float32", "onnx_int8"}

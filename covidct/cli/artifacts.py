@@ -1,4 +1,4 @@
-"""Commands on exported artifacts: export, verify, push, predict."""
+"""Commands on exported artifacts: export, verify, push, predict, bulk-predict."""
 
 from __future__ import annotations
 
@@ -109,18 +109,52 @@ def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, min_specific
 @friendly
 def predict_cmd(images, model_path, threshold, as_json, strict):
   """Probability of COVID and a label for each image file; a warning where the image does not look like a CT slice."""
-  from covidct.predict import predict_files  # pylint: disable=import-outside-toplevel
+  from covidct.predict import predict_files, predict_stream  # pylint: disable=import-outside-toplevel
 
-  results, errors, source = predict_files(model_path, images, threshold, strict=strict)
-  guard = source.pop("input_guard")
-  if as_json:
+  if as_json:  # one JSON document: collected, then printed
+    results, errors, source = predict_files(model_path, images, threshold, strict=strict)
+    guard = source.pop("input_guard")
     click.echo(json.dumps({"results": results, "errors": errors, "threshold": source, "input_guard": guard}, indent=2))
-  else:
-    click.echo(f"threshold {source['value']:.4f} (from {source['from']}); input guard {guard}")
-    for r in results:
-      click.echo(f"{r['probability']:.4f}  {r['label']:<8}  {r['file']}"
-                 + (f"  WARNING: {r['warning']}" if "warning" in r else ""))
+  else:  # a line per file as it is scored
+    source, stream = predict_stream(model_path, images, threshold, strict=strict)
+    click.echo(f"threshold {source['value']:.4f} (from {source['from']}); input guard {source['input_guard']}")
+    errors = [r["error"] for r in map(_print_record, stream) if "error" in r]
   for e in errors:
     click.echo(f"Error: {e}", err=True)
   if errors:
     raise SystemExit(1)
+
+
+def _print_record(r: dict) -> dict:
+  if "error" not in r:
+    click.echo(f"{r['probability']:.4f}  {r['label']:<8}  {r['file']}" + (f"  WARNING: {r['warning']}" if "warning" in r
+                                                                           else ""))
+  return r
+
+
+@click.command("bulk-predict", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
+@click.option("--model", "model_path", required=True, type=click.Path(),
+              help="Any artifact `covidct predict` takes, readable by every worker.")
+@click.option("--input", "patterns", multiple=True, metavar="GLOB",
+              help="Images to score: a glob, local or on any Beam filesystem (gs://, s3://, hdfs://); repeatable.")
+@click.option("--files-from", type=str, default=None, metavar="LIST", help="A text file with one image path per line.")
+@click.option("--out", "out_dir", required=True, help="Output folder (must not exist): results-*, errors-*.jsonl.")
+@click.option("--format", "output_format", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl",
+              show_default=True)
+@click.option("--threshold", type=float, default=None, help="Decision threshold (default: the artifact's own).")
+@click.option("--strict", is_flag=True, help="Send images the input guard flags to the errors output.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Largest batch given to the model.")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+@friendly
+def bulk_predict_cmd(model_path, patterns, files_from, out_dir, output_format, threshold, strict, batch_size,
+                     beam_args):
+  """Score an archive with Apache Beam's RunInference; any other option goes to Beam (e.g. --runner DataflowRunner
+  --project P --region R --temp_location gs://..., or --direct_num_workers 2 --direct_running_mode
+  multi_processing). Unreadable files go to errors-*.jsonl and never stop the job."""
+  from covidct.bulk import bulk_predict  # pylint: disable=import-outside-toplevel
+
+  summary = bulk_predict(model_path, out_dir, patterns=patterns, files_from=files_from, output_format=output_format,
+                         threshold=threshold, strict=strict, batch_size=batch_size, beam_args=beam_args,
+                         progress=lambda m: click.echo(m, err=True))
+  click.echo(f"{summary['results']} images scored, {summary['errors']} refused, in {summary['seconds']:.1f} s on "
+             f"{summary['runner']}; results in {out_dir}")

@@ -23,6 +23,7 @@ NOISE = re.compile(
     rb"|This TensorFlow binary is optimized to use available CPU instructions"
     rb"|WARNING:absl:"  # Python absl warnings (e.g. compiled metrics not built)
     rb"|WARNING:tensorflow:"
+    rb"|WARNING:root:(?:apitools not found|Resource module is not available)"  # Apache Beam's import-time notes
     rb")")
 
 
@@ -47,6 +48,7 @@ def quiet_python() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   for name in ("tensorflow", "absl", "keras", "tf2onnx", "onnx", "tensorflow_datasets", "h5py"):
     logging.getLogger(name).setLevel(logging.ERROR)
+  logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # a failed pipeline is reported in one line by covidct
   for module in ("tensorflow", "keras", "tf2onnx", "tensorflow_datasets", "onnx", "google.protobuf", "absl"):
     warnings.filterwarnings("ignore", module=module)
 
