@@ -64,6 +64,11 @@ def _loadable(library: str) -> bool:
     return False
 
 
+# The copies OpenVINO reads and runs as they are (its TFLite reader does not take the full-int8 and dynamic-range
+# .tflite files' quantized tensors as covidct's runners do).
+OPENVINO_FORMATS = ("onnx_float32", "onnx_int8", "tflite_float32", "tflite_float16")
+
+
 def configurations(artifacts_dir, threads=(1, 2), gpu: dict | None = None) -> list[dict]:
   """The rows: (label, runtime, path, threads, artifact format) for every artifact in an export folder."""
   root = pathlib.Path(artifacts_dir)
@@ -78,6 +83,8 @@ def configurations(artifacts_dir, threads=(1, 2), gpu: dict | None = None) -> li
     for fmt, info in manifest.artifacts.items():
       runtime = "litert" if fmt.startswith("tflite") else "ort"
       rows.append(dict(artifact=fmt, runtime=runtime, path=str(root / info["file"]), threads=t))
+      if fmt in OPENVINO_FORMATS:
+        rows.append(dict(artifact=fmt, runtime="openvino", path=str(root / info["file"]), threads=t))
   gpu = gpu or {}
   gpu_rows = [dict(artifact="saved_model", runtime="tf_signature_gpu", path=str(root / "saved_model"), threads=None,
                    needs="tensorflow")]

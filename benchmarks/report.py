@@ -9,6 +9,16 @@ def _label(r) -> str:
   return f"{r['artifact']} / {r['runtime']}" + (f" / {r['threads']}t" if r.get("threads") else "")
 
 
+def _parity(p: dict | None) -> str:
+  if not p:
+    return ""
+  if p.get("passed") is None:
+    return "not checked"
+  if p["passed"]:
+    return "pass" + (f" ({p['max_abs_diff']:.0e})" if p.get("max_abs_diff") is not None else "")
+  return "**FAIL**" + (f": {p['failures'][0]}" if p.get("failures") else "")
+
+
 def markdown(report: dict) -> str:
   env, model, peak = report["environment"], report["model"], report["peak"]
   cpu = env["cpu"]
@@ -25,13 +35,14 @@ def markdown(report: dict) -> str:
       + f"; theoretical {peak['theoretical_gflops_per_core']:.1f} GFLOP/s per core ({peak['theoretical_basis']}). "
       "`% peak` is achieved GFLOP/s over the measured GEMM rate at the same thread count.", "",
       f"Latency per batch in ms (p50 / p99), throughput in images/s; {report['settings']['inputs']}.", "",
-      "| artifact / runtime / threads | test AUC | MB | load s | first ms | peak RSS MB | "
+      "| artifact / runtime / threads | parity | test AUC | MB | load s | first ms | peak RSS MB | "
       + " | ".join(f"b{b} p50 | b{b} p99 | b{b} img/s | b{b} % peak" for b in bs) + " |",
-      "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---: | ---:" for _ in bs) + " |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---: | ---:" for _ in bs) + " |",
   ]
   for r in report["results"]:
+    parity = _parity(r.get("parity"))
     if r["status"] != "measured":
-      lines.append(f"| {_label(r)} | | | | | | {r['status']}: {r.get('skipped') or r.get('error')} |")
+      lines.append(f"| {_label(r)} | {parity} | | | | | | {r['status']}: {r.get('skipped') or r.get('error')} |")
       continue
     auc = f"{r['test_roc_auc']:.4f}" if r.get("test_roc_auc") is not None else ""
     cells = []
@@ -39,8 +50,20 @@ def markdown(report: dict) -> str:
       s = r["batches"][str(b)]
       frac = f"{s['fraction_of_peak']:.0%}" if s.get("fraction_of_peak") is not None else ""
       cells.append(f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['throughput_ips']:.0f} | {frac}")
-    lines.append(f"| {_label(r)} | {auc} | {r['file_bytes'] / 1e6:.2f} | {r['load_s']:.2f} | "
+    lines.append(f"| {_label(r)} | {parity} | {auc} | {r['file_bytes'] / 1e6:.2f} | {r['load_s']:.2f} | "
                  f"{r['first_inference_ms']:.1f} | {r['peak_rss_mb']:.0f} | " + " | ".join(cells) + " |")
+  rec = report.get("recommendation") or {}
+  if rec.get("per_setting"):
+    d = rec["default"]
+    lines += ["", "## Recommendation on this machine", "",
+              "The fastest artifact x runtime that passes parity (a faster copy that fails parity is never chosen), "
+              "per batch size and thread count"
+              + (f"; the default, written to the export's manifest.json and used by `covidct predict`, "
+                 f"`bulk-predict` when given the export folder: **{d['file']} on {d['runtime']}** "
+                 f"(batch {d['batch']}, {d['threads']} threads, {d['p50_ms']:.2f} ms)." if d else "."), "",
+              "| batch | threads | artifact | runtime | p50 ms | images/s |", "| ---: | ---: | --- | --- | ---: | ---: |"]
+    lines += [f"| {x['batch']} | {x['threads']} | {x['artifact']} | {x['runtime']} | {x['p50_ms']:.2f} | "
+              f"{x['images_per_s']:.0f} |" for x in rec["per_setting"]]
   if "pipeline" in report:
     p = report["pipeline"]
     lines += ["", "## Input pipeline", "",

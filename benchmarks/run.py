@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import platform
@@ -24,8 +25,65 @@ def environment(threads) -> dict:
           "gpu_devices": nvidia_gpus()}
 
 
-RUNTIMES = ("tf_signature", "keras_predict", "keras_call", "litert", "ort", "tf_signature_gpu", "ort_cuda",
+RUNTIMES = ("tf_signature", "keras_predict", "keras_call", "litert", "ort", "openvino", "tf_signature_gpu", "ort_cuda",
             "ort_tensorrt")
+# How each row's copy was checked against the SavedModel: the export checked each artifact under covidct's default
+# runtime for it (the SavedModel is the reference itself); a row under another runtime is checked here.
+EXPORT_CHECKED = {"tf_signature": "reference", "litert": "export", "ort": "export"}
+
+
+def row_parity(root: pathlib.Path, manifest: Manifest, row: dict, data_dir, cache: dict) -> dict:
+  """{'passed': bool | None, 'how': str, ...}: whether this artifact under this runtime gives the SavedModel's answers.
+
+  Rows under the runtime the export checked take the export's verdict; an OpenVINO row is checked here by the same
+  rules (export.parity.check_parity) on the test split, once per artifact; Keras rows run the SavedModel's own
+  model. Without the dataset (no data_dir), an unchecked row is never recommended.
+  """
+  runtime, artifact = row["runtime"], row["artifact"]
+  how = EXPORT_CHECKED.get(runtime.replace("_gpu", ""))
+  if artifact == "saved_model" or artifact == "keras":
+    return {"passed": True, "how": "the reference model"}
+  if how == "export":
+    passed = manifest.artifacts[artifact]["parity"]["passed"]
+    return {"passed": bool(passed), "how": "export parity (same runtime)"}
+  if runtime != "openvino":
+    return {"passed": None, "how": f"not checked under {runtime}"}
+  key = (artifact, runtime)
+  if key not in cache:
+    try:
+      from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+      from covidct.runners import SavedModelRunner, load_runner  # pylint: disable=import-outside-toplevel
+      from export.parity import check_parity  # pylint: disable=import-outside-toplevel
+
+      if "test" not in cache:
+        cache["reference"] = SavedModelRunner(root / "saved_model")
+        cache["test"] = split_arrays("test", data_dir, manifest.image_size)
+      candidate = load_runner(row["path"], runtime=runtime)
+      r = check_parity(cache["reference"], candidate, artifact, cache["test"], manifest.threshold,
+                       quantized_reference=manifest.quantization_aware)
+      cache[key] = {"passed": r.passed, "how": "checked here on the test split", "max_abs_diff": r.max_abs_diff,
+                    "agreement": r.agreement, "roc_auc": r.roc_auc, "failures": r.failures}
+    except CovidctError as e:
+      cache[key] = {"passed": None, "how": f"not checked: {str(e).splitlines()[0]}"}
+  return cache[key]
+
+
+def recommend(results: list[dict], batch_sizes, threads) -> dict:
+  """The fastest parity-passing artifact x runtime for each batch size and thread count (among the export folder's
+  own files: not the Keras rows, whose model lives elsewhere), and the default: the smallest batch on the most
+  threads measured (one request, the whole machine)."""
+  best = []
+  for t in threads:
+    for b in batch_sizes:
+      rows = [r for r in results if r["status"] == "measured" and r.get("threads") == t and r["artifact"] != "keras"
+              and (r.get("parity") or {}).get("passed") and str(b) in r.get("batches", {})]
+      if rows:
+        r = min(rows, key=lambda r: r["batches"][str(b)]["p50_ms"])
+        best.append({"batch": b, "threads": t, "artifact": r["artifact"], "runtime": r["runtime"],
+                     "file": pathlib.Path(r["path"]).name, "p50_ms": r["batches"][str(b)]["p50_ms"],
+                     "images_per_s": r["batches"][str(b)]["throughput_ips"]})
+  default = next((x for x in best if x["batch"] == min(batch_sizes) and x["threads"] == max(threads)), None)
+  return {"default": default, "per_setting": best}
 
 
 def _flops(saved_model_dir) -> tuple[int | None, str]:
@@ -58,7 +116,7 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
   manifest = Manifest.load(root)
   flops, flops_source = _flops(root / "saved_model")
   peaks = {t: measured_gemm_gflops(t) for t in threads}
-  results = []
+  results, parity_cache = [], {}
   for i, row in enumerate(rows, 1):
     label = f"{row['artifact']} / {row['runtime']}" + (f" / {row['threads']} thr" if row.get("threads") else "")
     if "skipped" in row:
@@ -73,6 +131,7 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
       for stats in res["batches"].values():
         stats["gflops"] = flops * stats["throughput_ips"] / 1e9
         stats["fraction_of_peak"] = stats["gflops"] / peak if peak else None
+    result["parity"] = row_parity(root, manifest, row, data_dir, parity_cache)
     auc = manifest.metrics.get(row["artifact"] if row["artifact"] != "keras" else "saved_model", {})
     result["test_roc_auc"] = auc.get("test", {}).get("roc_auc")
     result["file_bytes"] = _size(pathlib.Path(row["path"]))
@@ -89,6 +148,15 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
                    "inputs": "seeded random uint8 images of the model's input size"},
       "results": results,
   }
+  report["recommendation"] = recommend(results, batch_sizes, threads)
+  if report["recommendation"]["default"]:
+    cpu = env["cpu"]
+    manifest_path = dataclasses.replace(manifest, recommended={
+        **report["recommendation"]["default"], "per_setting": report["recommendation"]["per_setting"],
+        "measured_on": f"{cpu['model']} ({cpu['vector']}{', VNNI' if cpu['vnni'] else ''})",
+        "measured": report["created"]}).save(root)
+    progress(f"recommended: {report['recommendation']['default']['file']} on "
+             f"{report['recommendation']['default']['runtime']} (written to {manifest_path})")
   if pipeline:
     from benchmarks.pipeline_throughput import measure  # pylint: disable=import-outside-toplevel
 

@@ -61,6 +61,11 @@ def _make(spec):
 
     r = LiteRTRunner(path, num_threads=threads)
     return r.raw, r.image_size
+  if runtime == "openvino":
+    from covidct.runners import OpenVINORunner  # pylint: disable=import-outside-toplevel
+
+    r = OpenVINORunner(path, num_threads=threads)
+    return r.raw, r.image_size
   if runtime.startswith("ort"):
     from covidct.runners import OnnxRunner  # pylint: disable=import-outside-toplevel
 

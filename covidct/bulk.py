@@ -59,7 +59,7 @@ class _Locked:  # pylint: disable=too-few-public-methods
     self.runner, self.lock = runner, lock
 
 
-def _model_handler(model_path: str, max_batch: int):
+def _model_handler(model_path: str, max_batch: int, runtime: str = "default"):
   """A Beam ModelHandler over covidct.runners: examples are (S, S, 1) uint8 images, predictions P(COVID)."""
   from apache_beam.ml.inference.base import ModelHandler  # pylint: disable=import-outside-toplevel
 
@@ -72,7 +72,7 @@ def _model_handler(model_path: str, max_batch: int):
       from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
       # Beam shares one model between a worker's threads; interpreters (LiteRT's) are not thread-safe.
-      return _Locked(load_runner(model_path), threading.Lock())
+      return _Locked(load_runner(model_path, runtime=runtime), threading.Lock())
 
     def run_inference(self, batch, model, inference_args=None):
       import numpy as np  # pylint: disable=import-outside-toplevel
@@ -216,15 +216,16 @@ def bulk_predict(model_path, out_dir, patterns=(), files_from=None, output_forma
     runner_name = options.view_as(pipeline_options.StandardOptions).runner or "DirectRunner"
   except (SystemExit, ValueError) as e:
     raise CovidctError(f"bad pipeline options {list(beam_args)}: {e}") from None
+  model_path, runtime, why = predict.resolve_model(model_path)
   found = predict.find_manifest(model_path)
   if found is not None:
     predict.check_listed_file(model_path, *found)
-  image_size = load_runner(model_path).image_size  # fails here, once, for an unloadable model
+  image_size = load_runner(model_path, runtime=runtime).image_size  # fails here, once, for an unloadable model
   thr = predict.model_threshold(model_path, threshold)
   identity = model_identity(model_path)
   guard = find_guard(model_path)
-  progress(f"scoring with {pathlib.Path(model_path).name} at {image_size}x{image_size}, threshold {thr['value']:.4f} "
-           f"(from {thr['from']}), on {runner_name}")
+  progress(f"scoring with {model_path.name} ({runtime} runtime{', ' + why if why else ''}) at {image_size}x"
+           f"{image_size}, threshold {thr['value']:.4f} (from {thr['from']}), on {runner_name}")
 
   def run(out: str):
     p = beam.Pipeline(options=options)
@@ -240,7 +241,7 @@ def bulk_predict(model_path, out_dir, patterns=(), files_from=None, output_forma
                | "Decode" >> beam.ParDo(_decode_fn(image_size, str(guard) if guard else None, strict))
                .with_outputs(ERRORS, main="images"))
     records = (decoded.images
-               | "Score" >> RunInference(KeyedModelHandler(_model_handler(str(model_path), batch_size)))
+               | "Score" >> RunInference(KeyedModelHandler(_model_handler(str(model_path), batch_size, runtime)))
                | "Record" >> beam.Map(_to_record, thr["value"], identity))
     prefix = f"{out.rstrip('/')}/{RESULTS}"
     if output_format == "jsonl":

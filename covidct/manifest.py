@@ -65,6 +65,8 @@ class Manifest:  # pylint: disable=too-many-instance-attributes
   resize_skew: list = dataclasses.field(default_factory=list)
   libraries: dict = dataclasses.field(default_factory=dict)
   training_config: dict | None = None
+  # `covidct bench`'s choice on the machine it ran on: the fastest artifact x runtime that passes parity.
+  recommended: dict | None = None
   schema_version: int = SCHEMA_VERSION
 
   @property

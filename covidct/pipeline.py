@@ -13,7 +13,7 @@ from covidct.reporting import fmt_ci, table
 
 def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overrides: dict | None = None,
         formats: str = "all", n_boot: int = BOOTSTRAP_RESAMPLES, force_push: bool = False, echo=print) -> pathlib.Path:
-  """build dataset -> train -> evaluate -> export + parity -> bless + push -> short benchmark -> report.md."""
+  """build dataset -> train -> evaluate -> export + parity -> short benchmark -> bless + push -> report.md."""
   from covidct import dataset  # pylint: disable=import-outside-toplevel
   from covidct.config import resolve  # pylint: disable=import-outside-toplevel
   from covidct.evaluate import evaluate, write_report  # pylint: disable=import-outside-toplevel
@@ -56,18 +56,18 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
     parity_error = str(e)
     manifest = Manifest.load(out / "export")
   step("export")
-  echo("5/6 bless and push")
-  try:
-    pushed = push(out / "export", out / "serving", data_dir=data_dir, force=force_push)
-  except CovidctError as e:
-    pushed = {"version": None, "blessed": False, "reasons": [str(e)]}
-  step("push")
-  echo("6/6 short benchmark")
+  echo("5/6 short benchmark (its recommendation goes into the export's manifest, and so into the pushed version)")
   from benchmarks.run import run_benchmark  # pylint: disable=import-outside-toplevel
 
   bench = run_benchmark(out / "export", out / "bench", batch_sizes=(1, 8), threads=(1,), runs=20, warmup=3,
                         max_seconds=1.0, data_dir=data_dir, pipeline=False, progress=echo)
   step("bench")
+  echo("6/6 bless and push")
+  try:
+    pushed = push(out / "export", out / "serving", data_dir=data_dir, force=force_push)
+  except CovidctError as e:
+    pushed = {"version": None, "blessed": False, "reasons": [str(e)]}
+  step("push")
   times["total"] = round(time.time() - start, 1)
   (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench,
                                          report.get("shortcut_audit")))
@@ -111,9 +111,16 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
   else:
     lines.append("Not pushed: " + "; ".join(pushed["reasons"]))
   lines += ["", "## Latency (short run, 1 thread; full run: `covidct bench`)", "",
-            table(["artifact / runtime", "batch 1 p50 ms", "batch 8 images/s"],
-                  [(f"{r['artifact']} / {r['runtime']}", f"{r['batches']['1']['p50_ms']:.2f}",
-                    f"{r['batches']['8']['throughput_ips']:.0f}") for r in bench["results"] if r["status"] == "measured"])]
+            table(["artifact / runtime", "parity", "batch 1 p50 ms", "batch 8 images/s"],
+                  [(f"{r['artifact']} / {r['runtime']}",
+                    {True: "pass", False: "FAIL", None: "not checked"}[(r.get("parity") or {}).get("passed")],
+                    f"{r['batches']['1']['p50_ms']:.2f}", f"{r['batches']['8']['throughput_ips']:.0f}")
+                   for r in bench["results"] if r["status"] == "measured"])]
+  rec = (bench.get("recommendation") or {}).get("default")
+  if rec:
+    lines += ["", f"Recommended on this machine (fastest at batch 1 among copies that pass parity; in the manifest, "
+                  f"used by `covidct predict --model {out}/serving/N`): **{rec['file']} on {rec['runtime']}**, "
+                  f"{rec['p50_ms']:.2f} ms."]
   lines += ["", f"Full table: `{out}/bench/bench.md`.", "", "## Where things are", "",
             f"- model: `{out}/model` (SavedModel, model.keras, curves.png, history.json, logs/)",
             f"- evaluation: `{out}/model/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",

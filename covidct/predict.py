@@ -26,6 +26,28 @@ def find_manifest(model_path):
   return None
 
 
+RECOMMENDED_RUNTIMES = {"tf_signature": "default", "litert": "default", "ort": "default", "openvino": "openvino"}
+
+
+def resolve_model(model_path) -> tuple[pathlib.Path, str, str | None]:
+  """(artifact, runtime, why): for an export folder (or a pushed version) whose manifest holds `covidct bench`'s
+  recommendation, the recommended copy and runtime; otherwise `model_path` as given, under its own runtime."""
+  from covidct.manifest import MANIFEST_FILE, Manifest  # pylint: disable=import-outside-toplevel
+
+  p = pathlib.Path(model_path)
+  if p.is_dir():
+    for base in (p, p / "assets.extra"):
+      if (base / MANIFEST_FILE).is_file():
+        rec = Manifest.load(base).recommended or {}
+        runtime = RECOMMENDED_RUNTIMES.get(rec.get("runtime"))
+        target = (base / rec["file"]) if rec.get("file") else None
+        if target is not None and rec.get("file") == "saved_model" and base.name == "assets.extra":
+          target = base.parent  # a pushed version: the SavedModel is the version folder itself
+        if runtime and target is not None and target.exists():
+          return target, runtime, f"recommended by covidct bench on {rec.get('measured_on', '?')}"
+  return p, "default", None
+
+
 def find_threshold(model_path) -> tuple[float, str] | None:
   """The operating threshold from a manifest.json beside or above the artifact, and that file's path; None if no
   manifest is found. A file the manifest lists must still have the SHA-256 it records."""
@@ -151,12 +173,14 @@ def predict_stream(model_path, files, threshold: float | None = None, strict: bo
   from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
   from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
-  found = find_manifest(model_path)
+  artifact, runtime, why = resolve_model(model_path)
+  found = find_manifest(artifact)
   if found is not None:
-    check_listed_file(model_path, *found)
-  runner = load_runner(model_path)
-  source = model_threshold(model_path, threshold)
-  guard = load_guard_near(model_path)
+    check_listed_file(artifact, *found)
+  runner = load_runner(artifact, runtime=runtime)
+  source = model_threshold(artifact, threshold)
+  source["model"] = f"{artifact.name} on {runner.kind}" + (f" ({why})" if why else "")
+  guard = load_guard_near(artifact)
   source["input_guard"] = "on" if guard is not None else "off (no guard.json beside the model: export it)"
   return source, predictions(runner, files, source["value"], guard=guard, strict=strict)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -63,14 +64,16 @@ def test_gpu_rows_say_why_they_are_skipped(exported):
 
 
 def test_bench_smoke(exported, dummy_data_dir, tmp_path):
+  export = tmp_path / "export"  # bench writes its recommendation into the export's manifest: not the shared fixture's
+  shutil.copytree(exported, export)
   out = tmp_path / "bench"
-  res = CliRunner().invoke(main, ["bench", str(exported), "--out", str(out), "--batch-sizes", "1,2", "--threads", "1",
+  res = CliRunner().invoke(main, ["bench", str(export), "--out", str(out), "--batch-sizes", "1,2", "--threads", "1",
                                   "--runs", "3", "--warmup", "1", "--max-seconds", "0.2",
                                   "--data-dir", str(dummy_data_dir)])
   assert res.exit_code == 0, res.output
   report = json.loads((out / "bench.json").read_text())
   measured = [r for r in report["results"] if r["status"] == "measured"]
-  assert {r["runtime"] for r in measured} >= {"tf_signature", "keras_predict", "keras_call", "litert", "ort"}
+  assert {r["runtime"] for r in measured} >= {"tf_signature", "keras_predict", "keras_call", "litert", "ort", "openvino"}
   for r in measured:
     assert r["load_s"] >= 0 and r["first_inference_ms"] > 0 and r["peak_rss_mb"] > 0 and r["file_bytes"] > 0
     for b in ("1", "2"):
@@ -81,7 +84,58 @@ def test_bench_smoke(exported, dummy_data_dir, tmp_path):
   assert "tensorflow" in report["environment"]["libraries"] and report["environment"]["cpu"]["cores"] >= 1
   for name in ("bench.md", "latency.png", "accuracy_latency.png"):
     assert (out / name).stat().st_size > 500
-  assert "| tflite_float32 / litert / 1t |" in (out / "bench.md").read_text()
+  assert "| tflite_float32 / litert / 1t | pass |" in (out / "bench.md").read_text()
+  # OpenVINO reads the .onnx and the float .tflite copies; each is checked against the SavedModel here.
+  ov_rows = [r for r in measured if r["runtime"] == "openvino"]
+  assert {r["artifact"] for r in ov_rows} == {"onnx_float32", "tflite_float32", "tflite_float16"}
+  assert all(r["parity"]["how"] == "checked here on the test split" and r["parity"]["passed"] for r in ov_rows)
+  # The recommendation: the fastest row that passes parity, per setting, and the default written to the manifest.
+  rec = report["recommendation"]
+  fastest = min((r for r in measured if r["artifact"] != "keras" and r["parity"]["passed"]),
+                key=lambda r: r["batches"]["1"]["p50_ms"])
+  assert (rec["default"]["artifact"], rec["default"]["runtime"]) == (fastest["artifact"], fastest["runtime"])
+  assert {(x["batch"], x["threads"]) for x in rec["per_setting"]} == {(1, 1), (2, 1)}
+  from covidct.manifest import Manifest
+  from covidct.predict import resolve_model
+
+  written = Manifest.load(export).recommended
+  assert written["file"] == rec["default"]["file"] and written["measured_on"]
+  artifact, runtime, why = resolve_model(export)
+  assert artifact.name == rec["default"]["file"] and "recommended by covidct bench" in why
+  assert runtime == ("openvino" if rec["default"]["runtime"] == "openvino" else "default")
+  image = tmp_path / "scan.png"
+  from PIL import Image
+
+  Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
+  res = CliRunner().invoke(main, ["predict", str(image), "--model", str(export)])
+  assert res.exit_code == 0 and f"model {rec['default']['file']} on" in res.stdout, res.output
+
+
+def test_a_copy_that_fails_parity_is_never_recommended():
+  from benchmarks.run import recommend
+
+  def row(artifact, runtime, ms, passed):
+    return {"status": "measured", "artifact": artifact, "runtime": runtime, "threads": 1, "path": f"/x/{artifact}",
+            "parity": {"passed": passed}, "batches": {"1": {"p50_ms": ms, "throughput_ips": 1000 / ms}}}
+
+  rec = recommend([row("tflite_int8", "litert", 1.0, False), row("onnx_float32", "openvino", 2.0, True),
+                   row("onnx_float32", "ort", 3.0, True), row("keras", "keras_call", 0.5, True),
+                   row("onnx_int8", "ort_cuda", 0.1, None)], batch_sizes=(1,), threads=(1,))
+  assert (rec["default"]["artifact"], rec["default"]["runtime"]) == ("onnx_float32", "openvino")
+  assert recommend([row("tflite_int8", "litert", 1.0, False)], (1,), (1,)) == {"default": None, "per_setting": []}
+
+
+def test_openvino_runs_the_onnx_and_tflite_copies_in_float32(exported, dummy_data_dir):
+  from covidct.data import split_arrays
+  from covidct.runners import OPENVINO_CONFIG, SavedModelRunner, load_runner
+
+  images = split_arrays("test", str(dummy_data_dir), 48)["images"]
+  want = SavedModelRunner(exported / "saved_model")(images)
+  for name in ("model_float32.onnx", "model_float32.tflite"):
+    runner = load_runner(exported / name, runtime="openvino", num_threads=1)
+    assert (runner.kind, runner.input_name, runner.output_name) == ("openvino", "image", "covid_probability")
+    np.testing.assert_allclose(runner(images), want, atol=1e-4)
+  assert OPENVINO_CONFIG["INFERENCE_PRECISION_HINT"] == "f32"  # bfloat16 on BF16/AMX CPUs failed parity (0.11)
 
 
 def test_bench_needs_an_export_folder(tmp_path):
@@ -94,6 +148,7 @@ def test_bench_needs_an_export_folder(tmp_path):
 def test_bench_on_a_machine_without_tensorflow(exported, tmp_path):
   """What a GPU machine with onnxruntime-gpu and no TensorFlow runs: `--runtimes ort` in a process where TensorFlow
   cannot be imported. FLOPs are reported as not measured; the ONNX rows are measured."""
+  exported = shutil.copytree(exported, tmp_path / "export")
   out = tmp_path / "bench"
   script = ("import sys; sys.modules['tensorflow'] = None\n"
             "from covidct.cli import main\n"

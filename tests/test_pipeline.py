@@ -22,6 +22,14 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
     assert (job / path).exists(), path
   times = dict(part.split() for part in report.split("## Wall time (s)")[1].strip().splitlines()[0].split(" | "))
   steps = [float(v) for k, v in times.items() if k != "total"]
-  assert list(times) == ["dataset", "train", "evaluate", "export", "push", "bench", "total"]
+  assert list(times) == ["dataset", "train", "evaluate", "export", "bench", "push", "total"]
+  # Benchmarked before the push: the pushed version carries the recommendation, and predict on it uses it.
+  from covidct.manifest import Manifest
+  from covidct.predict import resolve_model
+
+  recommended = Manifest.load(job / "serving" / "1" / "assets.extra").recommended
+  assert recommended and recommended == Manifest.load(job / "export").recommended
+  assert "Recommended on this machine" in report and recommended["file"] in report
+  assert resolve_model(job / "serving" / "1")[0] == job / "serving" / "1" / "assets.extra" / recommended["file"]
   assert not any(v.startswith("-") for v in times.values())  # each step its own time, never "-0.0"
   assert abs(sum(steps) - float(times["total"])) < 0.5

@@ -113,11 +113,13 @@ def predict_cmd(images, model_path, threshold, as_json, strict):
 
   if as_json:  # one JSON document: collected, then printed
     results, errors, source = predict_files(model_path, images, threshold, strict=strict)
-    guard = source.pop("input_guard")
-    click.echo(json.dumps({"results": results, "errors": errors, "threshold": source, "input_guard": guard}, indent=2))
+    guard, model = source.pop("input_guard"), source.pop("model")
+    click.echo(json.dumps({"results": results, "errors": errors, "threshold": source, "input_guard": guard,
+                           "model": model}, indent=2))
   else:  # a line per file as it is scored
     source, stream = predict_stream(model_path, images, threshold, strict=strict)
-    click.echo(f"threshold {source['value']:.4f} (from {source['from']}); input guard {source['input_guard']}")
+    click.echo(f"model {source['model']}; threshold {source['value']:.4f} (from {source['from']}); input guard "
+               f"{source['input_guard']}")
     errors = [r["error"] for r in map(_print_record, stream) if "error" in r]
   for e in errors:
     click.echo(f"Error: {e}", err=True)
