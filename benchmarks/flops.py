@@ -42,6 +42,35 @@ def measured_gemm_gflops(threads: int = 1, n: int = 1024, repeats: int = 5) -> f
   return 2 * n ** 3 / best / 1e9
 
 
+def measured_int8_gemm_gops(threads: int = 1, n: int = 1024, repeats: int = 5) -> float | None:
+  """uint8 x int8 -> int32 GEMM rate of ONNX Runtime's MatMulInteger (its MLAS int8 kernels, with the session
+  settings covidct's runners use) on `threads` threads, best of `repeats`, in GOP/s (a multiply-add = 2 ops); None
+  without onnxruntime. The int8 copies' distance to the machine's limit is measured against this."""
+  try:
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+    from onnx import TensorProto, helper, numpy_helper  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  from covidct.runners import onnx_session_config  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  b = rng.integers(-127, 128, (n, n), dtype=np.int8)
+  graph = helper.make_graph(
+      [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_gemm",
+      [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+      [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], [numpy_helper.from_array(b, "b")])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  options = ort.SessionOptions()
+  options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+  for key, value in onnx_session_config().items():
+    options.add_session_config_entry(key, value)
+  session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+  a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+  session.run(None, {"a": a})
+  best = min(_timed(lambda: session.run(None, {"a": a})) for _ in range(repeats))
+  return 2 * n ** 3 / best / 1e9
+
+
 def _timed(fn) -> float:
   t = time.perf_counter()
   fn()

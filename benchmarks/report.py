@@ -32,8 +32,13 @@ def markdown(report: dict) -> str:
        if model.get("flops_per_image") else f"Model FLOPs: {model['flops_source']}."), "",
       "Peak: measured float32 GEMM " + ", ".join(f"{v:.1f} GFLOP/s on {t} thread(s)"
                                                  for t, v in peak["measured_gemm_gflops"].items())
+      + ("; int8 GEMM (ONNX Runtime MatMulInteger) " + ", ".join(
+          f"{v:.1f} GOP/s on {t} thread(s)" for t, v in peak["measured_int8_gemm_gops"].items() if v)
+         if any((peak.get("measured_int8_gemm_gops") or {}).values()) else "")
       + f"; theoretical {peak['theoretical_gflops_per_core']:.1f} GFLOP/s per core ({peak['theoretical_basis']}). "
-      "`% peak` is achieved GFLOP/s over the measured GEMM rate at the same thread count.", "",
+      "`% peak` is achieved GOP/s over the measured GEMM rate at the same thread count: the int8 GEMM's for the "
+      "int8 copies (tflite_int8, onnx_int8, every copy of a quantization-aware model but the float ones), the "
+      "float32 GEMM's for the others.", "",
       f"Latency per batch in ms (p50 / p99), throughput in images/s; {report['settings']['inputs']}.", "",
       "| artifact / runtime / threads | parity | test AUC | MB | load s | first ms | peak RSS MB | "
       + " | ".join(f"b{b} p50 | b{b} p99 | b{b} img/s | b{b} % peak" for b in bs) + " |",

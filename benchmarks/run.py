@@ -8,7 +8,7 @@ import pathlib
 import platform
 import time
 
-from benchmarks.flops import measured_gemm_gflops, model_flops
+from benchmarks.flops import measured_gemm_gflops, measured_int8_gemm_gops, model_flops
 from benchmarks.latency import configurations, gpu_status, nvidia_gpus, run_worker
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir
@@ -25,6 +25,7 @@ def environment(threads) -> dict:
           "gpu_devices": nvidia_gpus()}
 
 
+INT8_FORMATS = ("tflite_int8", "onnx_int8")  # copies that compute in 8-bit integers (tflite_dynamic: float activations)
 RUNTIMES = ("tf_signature", "keras_predict", "keras_call", "litert", "ort", "openvino", "tf_signature_gpu", "ort_cuda",
             "ort_tensorrt")
 # How each row's copy was checked against the SavedModel: the export checked each artifact under covidct's default
@@ -116,6 +117,7 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
   manifest = Manifest.load(root)
   flops, flops_source = _flops(root / "saved_model")
   peaks = {t: measured_gemm_gflops(t) for t in threads}
+  int8_peaks = {t: measured_int8_gemm_gops(t) for t in threads}
   results, parity_cache = [], {}
   for i, row in enumerate(rows, 1):
     label = f"{row['artifact']} / {row['runtime']}" + (f" / {row['threads']} thr" if row.get("threads") else "")
@@ -127,7 +129,10 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
     res = run_worker(spec)
     result = {**row, **res, "status": "error" if "error" in res else "measured"}
     if "batches" in res and flops:
-      peak = peaks.get(row["threads"])
+      int8 = row["artifact"] in INT8_FORMATS or (manifest.quantization_aware and row["artifact"] != "saved_model"
+                                                   and row["artifact"] != "keras" and "float" not in row["artifact"])
+      peak = (int8_peaks if int8 else peaks).get(row["threads"])
+      result["peak_kind"] = "int8 GEMM" if int8 else "float32 GEMM"
       for stats in res["batches"].values():
         stats["gflops"] = flops * stats["throughput_ips"] / 1e9
         stats["fraction_of_peak"] = stats["gflops"] / peak if peak else None
@@ -141,6 +146,9 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
       "artifacts_dir": str(root.resolve()), "environment": env,
       "model": {"flops_per_image": flops, "flops_source": flops_source, "input": manifest.input},
       "peak": {"measured_gemm_gflops": {str(t): v for t, v in peaks.items()},
+               "measured_int8_gemm_gops": {str(t): v for t, v in int8_peaks.items()},
+               "how_int8": "uint8 x int8 1024x1024 MatMulInteger in ONNX Runtime (MLAS), best of 5, the runners' "
+                           "session settings; the int8 rows' % peak is against it",
                "how": "float32 1024x1024 GEMM through numpy's BLAS, best of 5, threadpoolctl limits",
                "theoretical_gflops_per_core": env["cpu"]["theoretical_gflops_per_core"],
                "theoretical_basis": env["cpu"]["theoretical_basis"]},

@@ -6,6 +6,7 @@ how to feed each runtime.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -164,18 +165,74 @@ class LiteRTRunner(Runner):
     return y
 
 
-# ONNX Runtime session settings every copy is verified with, and that a user of the .onnx files needs too.
+# ONNX Runtime's setting for exact int8 sums, which a user of the .onnx files needs on CPUs without VNNI too.
 # session.x64quantprecision: on x86-64 CPUs without VNNI (AVX2-only or AVX-512 without VNNI, e.g. AMD EPYC Zen 2/3),
 # ONNX Runtime's default uint8 x int8 kernels add pairs of products in 16 bits with saturation (VPMADDUBSW), so a
 # pair such as 255 x 127 + 255 x 127 is clipped to 32767; with this setting they widen to 16 bits first (U8U8) and
-# compute the exact integers, as the VNNI kernels do. On other CPUs it changes nothing. Without it, the int8
-# (QDQ) copies of a quantization-aware model drifted by 10 output steps on an AVX2 EPYC, first at block_1_expand.
+# compute the exact integers, as the VNNI kernels do. Without it, the int8 (QDQ) copies of a quantization-aware model
+# drifted by 10 output steps on an AVX2 EPYC, first at block_1_expand. It is not free: it replaces the VNNI kernels
+# too, and on a VNNI Xeon (Sapphire Rapids) it cut ONNX Runtime's int8 GEMM from 456 to 124 GOP/s on one core. So
+# covidct applies it only where the default kernels saturate (onnx_session_config), which a probe decides.
 ONNX_SESSION_CONFIG = {"session.x64quantprecision": "1"}
+PROBE_SIZE = 8
+PROBE_SCALE = 8160.0  # 64 x 255 x 127 = 2,072,640 = 254 output steps exactly
+
+
+def int8_probe_model() -> bytes:
+  """A QDQ int8 model laid out as the quantization-aware exports are (uint8 activations, per-channel int8 weights):
+  an 8 x 8 image's 64 pixels times weights of 127, summed. All-white input makes every pair of products 255 x 127 +
+  255 x 127 = 64,770, which a 16-bit saturating add (VPMADDUBSW) clips to 32,767: the sum then comes out near half
+  of the true one (128/256 instead of 254/256)."""
+  from onnx import TensorProto, helper, numpy_helper  # pylint: disable=import-outside-toplevel
+
+  inits = [
+      numpy_helper.from_array(np.array([1, PROBE_SIZE * PROBE_SIZE], np.int64), "flat"),
+      numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"),
+      numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
+      numpy_helper.from_array(np.full((PROBE_SIZE * PROBE_SIZE, 1), 127, np.int8), "w"),
+      numpy_helper.from_array(np.ones(1, np.float32), "w_scale"),
+      numpy_helper.from_array(np.zeros(1, np.int8), "w_zero"),
+      numpy_helper.from_array(np.array(PROBE_SCALE, np.float32), "y_scale"),
+      numpy_helper.from_array(np.array(0, np.uint8), "y_zero"),
+      numpy_helper.from_array(np.array(1 / (256 * PROBE_SCALE), np.float32), "to_probability"),
+  ]
+  nodes = [
+      helper.make_node("Reshape", [INPUT_NAME, "flat"], ["x"]),
+      helper.make_node("DequantizeLinear", ["x", "x_scale", "x_zero"], ["xf"]),
+      helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wf"], axis=1),
+      helper.make_node("MatMul", ["xf", "wf"], ["yf"]),
+      helper.make_node("QuantizeLinear", ["yf", "y_scale", "y_zero"], ["yq"]),
+      helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["y"]),
+      helper.make_node("Mul", ["y", "to_probability"], [OUTPUT_NAME]),
+  ]
+  graph = helper.make_graph(nodes, "saturation", [helper.make_tensor_value_info(
+      INPUT_NAME, TensorProto.UINT8, [1, PROBE_SIZE, PROBE_SIZE, 1])], [helper.make_tensor_value_info(
+          OUTPUT_NAME, TensorProto.FLOAT, [1, 1])], inits)
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@functools.lru_cache(maxsize=None)
+def ort_int8_is_exact() -> bool:
+  """Whether ONNX Runtime's default int8 kernels on this CPU sum exactly (VNNI, AMX, non-x86), by running the probe
+  model without the setting. The CPU ONNX Runtime sees is the one asked (CPUID), under an emulator too."""
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+
+  opts = ort.SessionOptions()
+  opts.intra_op_num_threads = 1
+  session = ort.InferenceSession(int8_probe_model(), opts, providers=["CPUExecutionProvider"])
+  p = session.run(None, {INPUT_NAME: np.full((1, PROBE_SIZE, PROBE_SIZE, 1), 255, np.uint8)})[0]
+  return bool(abs(float(np.asarray(p).reshape(-1)[0]) * 256 - 254) < 0.01)
+
+
+def onnx_session_config() -> dict:
+  """The session settings covidct's ONNX Runtime sessions use on this CPU: ONNX_SESSION_CONFIG where the default int8
+  kernels saturate, none where they are exact (and faster)."""
+  return {} if ort_int8_is_exact() else dict(ONNX_SESSION_CONFIG)
 
 
 class OnnxRunner(Runner):
   """An .onnx file under ONNX Runtime (CPU execution provider unless `providers` says otherwise), with
-  ONNX_SESSION_CONFIG."""
+  onnx_session_config() (exact int8 sums on every CPU)."""
 
   kind = "onnx"
 
@@ -186,7 +243,8 @@ class OnnxRunner(Runner):
     if not path.is_file():
       raise CovidctError(f"{path} does not exist.")
     opts = ort.SessionOptions()
-    for key, value in ONNX_SESSION_CONFIG.items():
+    self.session_config = onnx_session_config()
+    for key, value in self.session_config.items():
       opts.add_session_config_entry(key, value)
     if num_threads:
       opts.intra_op_num_threads = num_threads

@@ -105,8 +105,9 @@ def check_parity(reference, candidate, fmt: str, test: dict, threshold: float, r
 # The contract across CPUs, stated in every parity report (see covidct.runners.ONNX_SESSION_CONFIG).
 CPU_CONTRACT = (
     "Checked on {cpu}. The int8 copies compute integers, and the runtimes compute the same integers on every x86-64 "
-    "CPU (AVX2 or AVX-512, with or without VNNI) when ONNX Runtime runs with `session.x64quantprecision=1` (as "
-    "covidct's runners do; without it ONNX Runtime saturates int8 products on CPUs without VNNI). Float copies and the "
+    "CPU (AVX2 or AVX-512, with or without VNNI) when ONNX Runtime runs with `session.x64quantprecision=1` on CPUs "
+    "without VNNI (as covidct's runners do; without it ONNX Runtime saturates int8 products there; VNNI kernels are "
+    "exact and faster without it). Float copies and the "
     "SavedModel sum in an order that depends on the CPU's vector width: their values may differ in the last float32 "
     "bits from one CPU kind to another, and in a quantization-aware model such a difference moves a value across a "
     "rounding step only where it lies within float32 rounding of that step.")
