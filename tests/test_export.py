@@ -135,3 +135,30 @@ def test_os_errors_are_one_line(model_dir, dummy_data_dir, tmp_path):
   msg = os_error_message(OSError(errno_module.ENOSPC, "No space left on device", "/data/x"))
   assert msg == "No space left on device (/data/x): the disk is full: free some space."
   assert "read-only" in os_error_message(OSError(errno_module.EROFS, "Read-only file system", "/ro"))
+
+
+def test_input_preprocessing_runs_flat_and_exact(tmp_path):
+  """ONNX Runtime's slow broadcast over a trailing dimension of 1: the exporter runs the input's elementwise chain on
+  an (N, S*S) view, with the same values out."""
+  import onnx
+  import onnxruntime as ort
+  from onnx import TensorProto, helper, numpy_helper
+
+  from export.formats import flatten_input_elementwise
+
+  s = 16
+  inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("a", 2 / 255), ("b", -1.0))]
+  nodes = [helper.make_node("Cast", ["image"], ["c"], to=TensorProto.FLOAT), helper.make_node("Mul", ["c", "a"], ["m"]),
+           helper.make_node("Add", ["m", "b"], ["x"]), helper.make_node("Concat", ["x", "x", "x"], ["rgb"], axis=3),
+           helper.make_node("ReduceMean", ["rgb"], ["y"], keepdims=0)]
+  graph = helper.make_graph(nodes, "pre", [helper.make_tensor_value_info("image", TensorProto.UINT8, [None, s, s, 1])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], inits)
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  x = np.random.default_rng(0).integers(0, 256, (3, s, s, 1), dtype=np.uint8)
+  want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+  assert flatten_input_elementwise(model) == 3  # Cast, Mul, Add; not the Concat
+  onnx.checker.check_model(model)
+  ops = [n.op_type for n in model.graph.node]
+  assert ops == ["Reshape", "Cast", "Mul", "Add", "Reshape", "Concat", "ReduceMean"]
+  got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+  np.testing.assert_array_equal(got, want)
