@@ -149,18 +149,20 @@ def audit(predict, arrays: dict, raw_train: dict | None, raw_split: dict | None)
 def markdown(result: dict) -> str:
   """The audit as a report section."""
   auc, stats, seg = result["roc_auc"], result["image_statistics"], result["segmentation"]
-  lines = ["## Shortcut audit: does the model read the lungs?", "",
-           "| input | ROC AUC | a model that reads the lungs |", "| --- | ---: | --- |",
-           f"| full image | {auc['full']:.3f} | |",
-           f"| lungs hidden (lung field filled with its mean grey) | {auc['lungs_hidden']:.3f} | falls to about 0.5 |",
-           f"| lungs only (everything else black) | {auc['lungs_only']:.3f} | keeps the full-image score |"]
+  from covidct.reporting import table  # pylint: disable=import-outside-toplevel
+
+  rows = [("full image", f"{auc['full']:.3f}", ""),
+          ("lungs hidden (lung field filled with its mean grey)", f"{auc['lungs_hidden']:.3f}", "falls to about 0.5"),
+          ("lungs only (everything else black)", f"{auc['lungs_only']:.3f}", "keeps the full-image score")]
   note = ""
   if stats:
     strongest = max(stats["coefficients"].items(), key=lambda kv: abs(kv[1]))
-    lines.append(f"| image statistics alone, no model (logistic regression fitted on train) | {stats['roc_auc']:.3f} "
-                 "| - |")
+    rows.append(("image statistics alone, no model (logistic regression fitted on train)", f"{stats['roc_auc']:.3f}",
+                 "-"))
     note = (f"Image statistics: {', '.join(STATISTICS)}; the largest standardised coefficient is {strongest[0]} "
             f"({strongest[1]:+.2f}). ")
+  lines = ["## Shortcut audit: does the model read the lungs?", "",
+           table(["input", "ROC AUC", "a model that reads the lungs"], rows, align="lrl")]
   return "\n".join(lines + ["", note + "Lung field: classical segmentation (covidct.audit.lung_mask); "
                              f"{seg['without_lung_field']} of {seg['images']} images had none (scored as they are), "
                              f"median lung share {seg['median_lung_share']:.2f}.", ""])

@@ -24,6 +24,7 @@ from covidct.config import TARGET_SENSITIVITY, TrainConfig
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir, refuse_existing
 from covidct.metrics import choose_threshold, ranking_metrics, threshold_metrics
+from covidct.reporting import table
 
 CV_SPLIT = "train+validation"  # what cross-validation reads; never the test split
 DEFAULT_FOLDS = 5
@@ -179,13 +180,12 @@ def markdown(result: dict) -> str:
            f"folds' out-of-fold probabilities for sensitivity {result['target_sensitivity']:.2f}.", ""]
   if result["stopped_folds"]:
     lines += [f"Folds {result['stopped_folds']} did not finish within the time limit and are left out.", ""]
-  lines += ["| fold | images | COVID | ROC AUC | threshold | sensitivity | specificity | training minutes |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for f in result["folds"]:
-    lines.append(f"| {f['fold']} | {f['examples']} | {f['positives']} | {f['roc_auc']:.3f} | {f['threshold']:.4f} "
-                 f"| {f['sensitivity']:.3f} | {f['specificity']:.3f} | {f['train_minutes']:.1f} |")
-  lines += [f"| mean +- sd | | | {ms('roc_auc')} | | {ms('sensitivity')} | {ms('specificity')} "
-            f"| {result['train_minutes']['mean']:.1f} |", "",
+  rows = [(f["fold"], f["examples"], f["positives"], f"{f['roc_auc']:.3f}", f"{f['threshold']:.4f}",
+           f"{f['sensitivity']:.3f}", f"{f['specificity']:.3f}", f"{f['train_minutes']:.1f}") for f in result["folds"]]
+  rows.append(("mean +- sd", "", "", ms("roc_auc"), "", ms("sensitivity"), ms("specificity"),
+               f"{result['train_minutes']['mean']:.1f}"))
+  lines += [table(["fold", "images", "COVID", "ROC AUC", "threshold", "sensitivity", "specificity",
+                   "training minutes"], rows, align="r" * 8), "",
             f"Pooled out-of-fold ROC AUC {result['pooled_roc_auc']:.3f}; threshold for a model trained on all of "
             f"train + validation for {result['epochs']} epochs: {result['threshold']:.4f}."]
   return "\n".join(lines) + "\n"

@@ -45,11 +45,13 @@ def skew_table(runner, raw_images: list, reference_probs: np.ndarray, threshold:
 
 
 def markdown(rows: list[dict], threshold: float) -> str:
+  from covidct.reporting import table  # pylint: disable=import-outside-toplevel
+
   lines = ["## Resize skew", "",
            f"Test decisions at threshold {threshold:.4f} that stay the same when the image is resized another way "
            "than in training (TensorFlow bilinear with antialiasing, rounded: covidct.data.resize_image). Resize "
            "inputs as training does; the `serving_bytes` signature and `covidct predict` do.", "",
-           "| resize | decision agreement | median change | max change |", "| --- | ---: | ---: | ---: |"]
-  for r in rows:
-    lines.append(f"| {r['method']} | {r['agreement']:.1%} | {r['median_abs_diff']:.1e} | {r['max_abs_diff']:.1e} |")
+           table(["resize", "decision agreement", "median change", "max change"],
+                 [(r["method"], f"{r['agreement']:.1%}", f"{r['median_abs_diff']:.1e}", f"{r['max_abs_diff']:.1e}")
+                  for r in rows])]
   return "\n".join(lines) + "\n"

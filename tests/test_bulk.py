@@ -136,3 +136,35 @@ def test_peak_memory_counts_the_whole_process_tree():
             "b = bytearray(100 * 2**20); b[::4096] = b'x' * len(b[::4096]); p.wait()")
   got = run_measured([sys.executable, "-c", parent])
   assert got["returncode"] == 0 and got["peak_rss_mb"] > 250 and got["seconds"] >= 1.5
+
+
+@pytest.mark.slow
+def test_bulk_equals_predict_on_the_real_test_images(exported, tmp_path):
+  """The 203 official test slices as they come (PNG and JPEG, 61 to 1671 pixels a side), from ../shared."""
+  from covidct.predict import predict_files
+  from tests.conftest import COVID_CT, _need_shared
+
+  _need_shared()
+  folder = tmp_path / "test_images"
+  folder.mkdir()
+  for cls in ("COVID", "NonCOVID"):
+    names = set((COVID_CT / "Data-split" / cls / f"testCT_{cls}.txt").read_text().split())
+    with zipfile.ZipFile(COVID_CT / "Images-processed" / f"CT_{cls}.zip") as zf:
+      for n in zf.namelist():
+        if n.rsplit("/", 1)[-1] in names:
+          (folder / f"{cls}-{n.rsplit('/', 1)[-1]}").write_bytes(zf.read(n))
+  files = sorted(str(p) for p in folder.iterdir())
+  assert len(files) == 203
+  model = exported / "model_float32.onnx"
+  out = tmp_path / "bulk"
+  res = CliRunner().invoke(main, ["bulk-predict", "--model", str(model), "--input", str(folder / "*"), "--out",
+                                  str(out), "--format", "csv"])
+  assert res.exit_code == 0, res.output
+  import csv
+
+  got = {r["file"]: r for f in out.glob("results-*.csv") for r in csv.DictReader(f.open())}
+  want, errors, _ = predict_files(model, files)
+  assert not errors and len(got) == len(want) == 203
+  for r in want:  # CSV holds Python's repr of each float: it round-trips exactly
+    g = got[r["file"]]
+    assert (float(g["probability"]), g["label"], g["warning"] or None) == (r["probability"], r["label"], r.get("warning"))
