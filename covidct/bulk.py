@@ -162,7 +162,7 @@ def bulk_predict(model_path, out_dir, patterns=(), files_from=None, output_forma
 
   Args:
     model_path: any artifact `covidct predict` takes (training or export folder, SavedModel, .keras, .tflite,
-      .onnx), on a filesystem the workers can read.
+      .onnx), as a local path that exists on every worker (an export folder runs `covidct bench`'s recommended copy).
     out_dir: the output folder (must not exist): results-*.{jsonl,csv,parquet} and errors-*.jsonl.
     patterns: glob patterns, local or on any Beam filesystem (e.g. gs://bucket/study/**/*.png).
     files_from: a text file with one image path per line.
