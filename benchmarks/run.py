@@ -157,14 +157,18 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
       "results": results,
   }
   report["recommendation"] = recommend(results, batch_sizes, threads)
-  if report["recommendation"]["default"]:
+  best = report["recommendation"]["default"]
+  if best:
     cpu = env["cpu"]
-    manifest_path = dataclasses.replace(manifest, recommended={
-        **report["recommendation"]["default"], "per_setting": report["recommendation"]["per_setting"],
+    recorded = dataclasses.replace(manifest, recommended={
+        **best, "per_setting": report["recommendation"]["per_setting"],
         "measured_on": f"{cpu['model']} ({cpu['vector']}{', VNNI' if cpu['vnni'] else ''})",
-        "measured": report["created"]}).save(root)
-    progress(f"recommended: {report['recommendation']['default']['file']} on "
-             f"{report['recommendation']['default']['runtime']} (written to {manifest_path})")
+        "measured": report["created"]})
+    try:
+      where = f"written to {recorded.save(root)}"
+    except OSError as e:  # a read-only export: the measurements still stand, in the report
+      where = f"not written to {root}/manifest.json ({e.strerror or e}): it stays in the report"
+    progress(f"recommended: {best['file']} on {best['runtime']} ({where})")
   if pipeline:
     from benchmarks.pipeline_throughput import measure  # pylint: disable=import-outside-toplevel
 
