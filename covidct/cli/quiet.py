@@ -24,6 +24,8 @@ NOISE = re.compile(
     rb"|WARNING:absl:"  # Python absl warnings (e.g. compiled metrics not built)
     rb"|WARNING:tensorflow:"
     rb"|WARNING:root:(?:apitools not found|Resource module is not available)"  # Apache Beam's import-time notes
+    rb"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU"
+    rb"|fully_quantize: \d+, inference_type: "  # the TFLite converter's quantizer
     rb")")
 
 
