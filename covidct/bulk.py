@@ -192,8 +192,6 @@ def bulk_predict(model_path, out_dir, patterns=(), files_from=None, output_forma
   from covidct.fsutil import atomic_dir, refuse_existing  # pylint: disable=import-outside-toplevel
   from covidct.guard import find_guard  # pylint: disable=import-outside-toplevel
   from covidct import predict  # pylint: disable=import-outside-toplevel
-  from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
-
   if output_format not in FORMATS:
     raise CovidctError(f"unknown output format {output_format!r}; choose from {', '.join(FORMATS)}.")
   if batch_size < 1:
@@ -216,16 +214,12 @@ def bulk_predict(model_path, out_dir, patterns=(), files_from=None, output_forma
     runner_name = options.view_as(pipeline_options.StandardOptions).runner or "DirectRunner"
   except (SystemExit, ValueError) as e:
     raise CovidctError(f"bad pipeline options {list(beam_args)}: {e}") from None
-  model_path, runtime, why = predict.resolve_model(model_path)
-  found = predict.find_manifest(model_path)
-  if found is not None:
-    predict.check_listed_file(model_path, *found)
-  image_size = load_runner(model_path, runtime=runtime).image_size  # fails here, once, for an unloadable model
-  thr = predict.model_threshold(model_path, threshold)
+  model_path, runtime, runner, thr = predict.open_model(model_path, threshold)  # fails here, once, if it cannot
+  image_size = runner.image_size
   identity = model_identity(model_path)
   guard = find_guard(model_path)
-  progress(f"scoring with {model_path.name} ({runtime} runtime{', ' + why if why else ''}) at {image_size}x"
-           f"{image_size}, threshold {thr['value']:.4f} (from {thr['from']}), on {runner_name}")
+  progress(f"scoring with {thr.pop('model')} at {image_size}x{image_size}, threshold {thr['value']:.4f} (from "
+           f"{thr['from']}), on {runner_name}")
 
   def run(out: str):
     p = beam.Pipeline(options=options)

@@ -154,23 +154,24 @@ def predictions(runner, files: Iterable, threshold: float, batch_size: int | Non
   yield from flush(batch)
 
 
-def model_threshold(model_path, threshold: float | None = None) -> dict:
+def model_threshold(model_path, threshold: float | None = None, manifest=None) -> dict:
   """{'value', 'from'}: `threshold` if given, else the artifact's own metadata (.onnx), else a manifest.json beside
-  or above it, else 0.5."""
+  or above it (`manifest`: find_manifest's answer, when the caller has it and has checked the file), else 0.5."""
   from covidct.runners import read_onnx_meaning  # pylint: disable=import-outside-toplevel
 
   if threshold is not None:
     return {"value": check_threshold(threshold), "from": "--threshold"}
   own = read_onnx_meaning(model_path) if str(model_path).endswith(".onnx") else None
-  found = (own["threshold"], f"{model_path} (its ONNX metadata)") if own else find_threshold(model_path)
+  if own:
+    found = (own["threshold"], f"{model_path} (its ONNX metadata)")
+  else:
+    found = (manifest[0].threshold, str(manifest[1])) if manifest else find_threshold(model_path)
   return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
 
 
-def predict_stream(model_path, files, threshold: float | None = None, strict: bool = False) -> tuple[dict, Iterator]:
-  """(where the threshold came from, an iterator of one record per file, in order): `threshold` if given, else the
-  artifact's own metadata (.onnx), else a manifest.json beside or above it, else 0.5. Files are read as the iterator
-  is consumed, BATCH_SIZE at a time, so memory stays flat however many there are."""
-  from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
+def open_model(model_path, threshold: float | None = None):
+  """(artifact, runtime, runner, threshold source) for predict and the bulk path: the copy `covidct bench`
+  recommended when given an export folder, its SHA-256 checked against its manifest once, its threshold found."""
   from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
   artifact, runtime, why = resolve_model(model_path)
@@ -178,8 +179,18 @@ def predict_stream(model_path, files, threshold: float | None = None, strict: bo
   if found is not None:
     check_listed_file(artifact, *found)
   runner = load_runner(artifact, runtime=runtime)
-  source = model_threshold(artifact, threshold)
+  source = model_threshold(artifact, threshold, manifest=found)
   source["model"] = f"{artifact.name} on {runner.kind}" + (f" ({why})" if why else "")
+  return artifact, runtime, runner, source
+
+
+def predict_stream(model_path, files, threshold: float | None = None, strict: bool = False) -> tuple[dict, Iterator]:
+  """(where the threshold came from, an iterator of one record per file, in order): `threshold` if given, else the
+  artifact's own metadata (.onnx), else a manifest.json beside or above it, else 0.5. Files are read as the iterator
+  is consumed, BATCH_SIZE at a time, so memory stays flat however many there are."""
+  from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
+
+  artifact, _, runner, source = open_model(model_path, threshold)
   guard = load_guard_near(artifact)
   source["input_guard"] = "on" if guard is not None else "off (no guard.json beside the model: export it)"
   return source, predictions(runner, files, source["value"], guard=guard, strict=strict)
