@@ -80,6 +80,10 @@ def markdown(report: dict) -> str:
   gpu = env["gpu"]
   lines += ["", "## GPU", ""] + [f"- {k}: {'available' if v['available'] else 'not measured: ' + v['reason']}"
                                  for k, v in gpu.items()]
+  if report.get("load_test"):
+    from benchmarks.serving import markdown as load_markdown  # pylint: disable=import-outside-toplevel
+
+    lines += ["", load_markdown(report["load_test"]).rstrip()]
   return "\n".join(lines) + "\n"
 
 
@@ -107,6 +111,7 @@ def plots(report: dict, out_dir) -> None:
   fig.tight_layout()
   fig.savefig(out_dir / "latency.png", dpi=100)
   plt.close(fig)
+  scaling(rows, bs, out_dir / "scaling.png")
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in rows:
     if r.get("test_roc_auc") is None:
@@ -119,4 +124,30 @@ def plots(report: dict, out_dir) -> None:
   ax.set_title("Accuracy against latency")
   fig.tight_layout()
   fig.savefig(out_dir / "accuracy_latency.png", dpi=100)
+  plt.close(fig)
+
+
+def scaling(rows: list, batch_sizes: list, path) -> None:
+  """How latency grows with batch size and threads: p50 per image against batch size, one line per artifact x
+  runtime, one panel per thread count (copies that fail parity dashed)."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  threads = sorted({r["threads"] for r in rows})
+  names = sorted({f"{r['artifact']} / {r['runtime']}" for r in rows})  # one colour per copy in every panel
+  fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4.5), sharey=True, squeeze=False)
+  for ax, t in zip(axes[0], threads):
+    for r in (r for r in rows if r["threads"] == t):
+      ms = [r["batches"][str(b)]["p50_ms"] / b for b in batch_sizes if str(b) in r["batches"]]
+      passed = (r.get("parity") or {}).get("passed")
+      name = f"{r['artifact']} / {r['runtime']}"
+      ax.plot(batch_sizes[:len(ms)], ms, marker="o", linestyle="-" if passed is not False else "--",
+              color=plt.cm.tab20(names.index(name) % 20), label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_title(f"{t} thread{'s' if t > 1 else ''}")
+  axes[0][0].set_ylabel("p50 latency per image (ms)")
+  axes[0][-1].legend(fontsize=6, loc="upper right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)

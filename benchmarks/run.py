@@ -99,11 +99,13 @@ def _flops(saved_model_dir) -> tuple[int | None, str]:
 
 def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2), runs: int = 50, warmup: int = 5,
                   max_seconds: float = 5.0, data_dir=None, pipeline: bool = True, overwrite: bool = False,
-                  progress=print, runtimes=None) -> dict:
-  """Benchmarks the export folder `artifacts_dir`; writes bench.json, bench.md, latency.png, accuracy_latency.png.
+                  progress=print, runtimes=None, load_seconds: float | None = None) -> dict:
+  """Benchmarks the export folder `artifacts_dir`; writes bench.json, bench.md, latency.png, scaling.png (latency
+  against batch size and threads), accuracy_latency.png.
 
   `runtimes` (names from RUNTIMES) keeps only those rows: e.g. ('ort', 'ort_cuda') on a GPU machine that has
   ONNX Runtime but no TensorFlow. Without TensorFlow, FLOPs are not measured and the rows that need it are skipped.
+  `load_seconds` adds a load test of the export behind `covidct serve` (benchmarks.serving), that long per concurrency.
   """
   root = pathlib.Path(artifacts_dir)
   if runtimes:
@@ -177,6 +179,10 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
   from benchmarks.report import markdown, plots  # pylint: disable=import-outside-toplevel
 
   with atomic_dir(out_dir, overwrite) as tmp:
+    if load_seconds:
+      from benchmarks.serving import load_test  # pylint: disable=import-outside-toplevel
+
+      report["load_test"] = load_test(root, tmp / "load_test", seconds=load_seconds, progress=progress)
     (tmp / "bench.json").write_text(json.dumps(report, indent=2))
     (tmp / "bench.md").write_text(markdown(report))
     plots(report, tmp)

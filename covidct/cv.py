@@ -23,7 +23,7 @@ import numpy as np
 from covidct.config import TARGET_SENSITIVITY, TrainConfig
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir, refuse_existing
-from covidct.metrics import choose_threshold, ranking_metrics, threshold_metrics
+from covidct.metrics import choose_threshold, fit_temperature, logit, ranking_metrics, threshold_metrics
 from covidct.reporting import table
 
 CV_SPLIT = "train+validation"  # what cross-validation reads; never the test split
@@ -84,6 +84,9 @@ def fold_summary(probabilities: list[np.ndarray], labels: list[np.ndarray],
       "mean_roc_auc_by_epoch": [float(v) for v in mean_by_epoch],
       "pooled_roc_auc": ranking_metrics(all_y, all_p)["roc_auc"],
       "threshold": choose_threshold(all_y, all_p, target_sensitivity),
+      # Temperature scaling fitted on the out-of-fold probabilities: what `covidct qat` divides the final model's
+      # logits by (the threshold maps with it: sigmoid(logit(threshold) / temperature)).
+      "temperature": fit_temperature(logit(all_p), all_y),
   }
 
 
@@ -187,5 +190,7 @@ def markdown(result: dict) -> str:
   lines += [table(["fold", "images", "COVID", "ROC AUC", "threshold", "sensitivity", "specificity",
                    "training minutes"], rows, align="r" * 8), "",
             f"Pooled out-of-fold ROC AUC {result['pooled_roc_auc']:.3f}; threshold for a model trained on all of "
-            f"train + validation for {result['epochs']} epochs: {result['threshold']:.4f}."]
+            f"train + validation for {result['epochs']} epochs: {result['threshold']:.4f}"
+            + (f"; temperature fitted on the out-of-fold probabilities: {result['temperature']:.3f}."
+               if "temperature" in result else ".")]
   return "\n".join(lines) + "\n"

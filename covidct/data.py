@@ -26,6 +26,20 @@ def resize_image(image, size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+# How consumers resize (see export/skew.py): training with `AugmentConfig.resize_methods` draws one of these per
+# image and epoch, so the model's decisions do not hang on the resize filter. The first is `resize_image`'s.
+RESIZE_VARIANTS = (("bilinear", True), ("bilinear", False), ("area", False), ("bicubic", True), ("nearest", False))
+
+
+def resize_variants(image, size: int) -> tf.Tensor:
+  """(len(RESIZE_VARIANTS), size, size, 1) uint8: the image resized by each method, rounded as resize_image does."""
+  image = tf.convert_to_tensor(image)
+  if image.shape.rank == 2:
+    image = image[..., None]
+  out = [tf.image.resize(image, (size, size), method=m, antialias=aa) for m, aa in RESIZE_VARIANTS]
+  return tf.cast(tf.clip_by_value(tf.round(tf.stack([tf.cast(o, tf.float32) for o in out])), 0, 255), tf.uint8)
+
+
 def augment_batch(images, seed, cfg: AugmentConfig) -> tf.Tensor:
   """The article's augmentation on a whole float batch (B, H, W, C), as one affine warp per image.
 
@@ -189,9 +203,9 @@ def _select(ds: tf.data.Dataset, selection: "Selection") -> tf.data.Dataset:
 
 
 def load_split(split: "str | Selection", data_dir: str | None, image_size: int,
-               with_meta: bool = False) -> tf.data.Dataset:
+               with_meta: bool = False, variants: bool = False) -> tf.data.Dataset:
   """Resized (uint8) examples of one split (or Selection): (image, label) or, with_meta, dicts with patient_id and
-  filename."""
+  filename. With `variants`, each image is (len(RESIZE_VARIANTS), size, size, 1): every resize method."""
   selection = split if isinstance(split, Selection) else Selection(split)
   builder = load_builder(data_dir)
   ds = _select(builder.as_dataset(split=selection.split, shuffle_files=False), selection)
@@ -199,7 +213,7 @@ def load_split(split: "str | Selection", data_dir: str | None, image_size: int,
     ds = ds.apply(tf.data.experimental.assert_cardinality(len(split_labels(selection, data_dir)["labels"])))
 
   def prep(e):
-    out = {"image": resize_image(e["image"], image_size), "label": e["label"]}
+    out = {"image": (resize_variants if variants else resize_image)(e["image"], image_size), "label": e["label"]}
     if with_meta:
       out.update(patient_id=e["patient_id"], filename=e["filename"])
       return out
@@ -219,11 +233,22 @@ def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image
   batch full (what a multi-replica strategy needs for training). `mixup` > 0 mixes each training batch after its
   augmentation (`mixup_batch`, alpha = `mixup`): its labels become soft.
   """
-  ds = load_split(split, data_dir, image_size)
+  variants = bool(training and augment is not None and augment.resize_methods)
+  ds = load_split(split, data_dir, image_size, variants=variants)
   if cache:
     ds = ds.cache()
   if training:
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if variants:  # one resize method per image, drawn anew every epoch from a seeded stream
+    picks = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip((ds, picks)).map(
+        lambda xy, r: (xy[0][r % len(RESIZE_VARIANTS)], xy[1]), num_parallel_calls=AUTOTUNE)
+  if training and augment is not None and augment.jpeg_quality:  # every image re-compressed, both classes
+    seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds)).map(
+        lambda xy, s: (tf.image.stateless_random_jpeg_quality(xy[0], augment.jpeg_quality, 100,
+                                                              tf.cast(s % (2**31 - 1), tf.int32)), xy[1]),
+        num_parallel_calls=AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=AUTOTUNE)
   if training and (augment is not None or mixup):

@@ -18,11 +18,13 @@ from covidct.reporting import fmt_ci
 
 def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_dir=None, split: str = "test",
              target_sensitivity: float = TARGET_SENSITIVITY, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-             arrays: dict | None = None, shortcut_audit: bool = False) -> dict:
+             arrays: dict | None = None, shortcut_audit: bool = False, threshold: dict | None = None) -> dict:
   """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split`, with the threshold chosen on validation.
 
   `arrays` may hold preloaded {'validation': split_arrays(...), split: split_arrays(...)} to score many models
   on the same images without reading the dataset again. `shortcut_audit` adds covidct.audit's figures.
+  `threshold` ({'value', 'chosen_on'}) fixes the operating threshold instead: a model trained on validation too
+  takes the one its cross-validation chose on out-of-fold probabilities.
   """
   from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
 
@@ -32,13 +34,17 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
       arrays[s] = split_arrays(s, data_dir, image_size)
   val = arrays["validation"]
   val_p = np.asarray(predict(val["images"]), dtype=np.float64).reshape(-1)
-  threshold = choose_threshold(val["labels"], val_p, target_sensitivity)
+  chosen_on = "validation"
+  if threshold is None:
+    threshold = choose_threshold(val["labels"], val_p, target_sensitivity)
+  else:
+    threshold, chosen_on = float(threshold["value"]), threshold["chosen_on"]
   data = arrays[split]
   p = val_p if split == "validation" else np.asarray(predict(data["images"]), dtype=np.float64).reshape(-1)
   report = {
       "split": split, "examples": int(len(p)), "positives": int(data["labels"].sum()),
       "patients": int(len(np.unique(data["patient_ids"]))),
-      "threshold": {"value": threshold, "target_sensitivity": target_sensitivity, "chosen_on": "validation",
+      "threshold": {"value": threshold, "target_sensitivity": target_sensitivity, "chosen_on": chosen_on,
                     "validation_sensitivity": threshold_metrics(val["labels"], val_p, threshold)["sensitivity"]},
       "bootstrap": {"resamples": n_boot, "unit": "patient", "level": 0.95, "seed": seed},
       **evaluate_probabilities(data["labels"], p, data["patient_ids"], threshold, n_boot=n_boot, seed=seed),
@@ -62,8 +68,8 @@ def markdown(report: dict, title: str = "Evaluation") -> str:
       f"{'Split' if report['split'] in ('train', 'validation', 'test') else 'Data'} `{report['split']}`: "
       f"{report['examples']} images ({report['positives']} COVID) from {report['patients']} "
       f"{report['bootstrap']['unit']}s. Operating threshold {t['value']:.4f}, "
-      + (f"chosen on validation for sensitivity >= {t['target_sensitivity']:.2f}" if t.get("chosen_on") == "validation"
-         else f"the model's own ({t.get('from')})")
+      + (f"the model's own ({t.get('from')})" if t.get("chosen_on") == "the model"
+         else f"chosen on {t['chosen_on']} for sensitivity >= {t['target_sensitivity']:.2f}")
       + f". 95% CIs: bootstrap over {report['bootstrap']['unit']}s ({report['bootstrap']['resamples']} resamples).", "",
       f"ROC AUC {fmt_ci(report['roc_auc'], ci.get('roc_auc'))}, PR AUC {fmt_ci(report['pr_auc'], ci.get('pr_auc'))}", "",
       "| metric | at 0.5 | at operating threshold (95% CI) |", "| --- | ---: | ---: |",

@@ -76,3 +76,24 @@ def evaluate_probabilities(y, p, patients, threshold: float, n_boot: int = BOOTS
       "at_threshold": threshold_metrics(y, p, threshold),
       "ci95": bootstrap_ci(y, p, patients, threshold, n_boot=n_boot, seed=seed) if n_boot else {},
   }
+
+
+def fit_temperature(z: np.ndarray, labels: np.ndarray) -> float:
+  """Temperature scaling (Guo et al., 2017): the T minimizing the log loss of sigmoid(z / T) on held-out labels. It
+  leaves the ranking (ROC AUC) unchanged; an over-confident model (T > 1) gets probabilities spread out enough for an
+  8-bit output, whose step is 1/256, to keep them apart."""
+  from scipy.optimize import minimize_scalar  # pylint: disable=import-outside-toplevel
+
+  y = np.asarray(labels, np.float64)
+
+  def nll(log_t):
+    s = z / np.exp(log_t)
+    return float(np.mean(np.logaddexp(0.0, s) - y * s))  # -log sigmoid(s) for y = 1, -log(1 - sigmoid(s)) for 0
+
+  return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(100.0)), method="bounded").x))
+
+
+def logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+  """log(p / (1 - p)), with p clipped to [eps, 1 - eps] (float32 probabilities round to 0 and 1)."""
+  p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
+  return np.log(p) - np.log1p(-p)

@@ -5,19 +5,48 @@ from __future__ import annotations
 import pathlib
 import time
 
-from covidct.config import BOOTSTRAP_RESAMPLES
+from covidct.config import BOOTSTRAP_RESAMPLES, MODEL_OF_RECORD
+from covidct.cv import CV_SPLIT
 from covidct.errors import CovidctError
 from covidct.manifest import Manifest
 from covidct.reporting import fmt_ci, table
 
+# Overrides that change what a recipe's cross-validation chose: with any of them the record no longer applies.
+SCHEDULE_FIELDS = {"epochs", "head_epochs", "image_size", "model", "learning_rate", "fine_tune_learning_rate",
+                   "freeze_batch_norm", "fine_tune_from", "augment", "batch_size"}
 
-def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overrides: dict | None = None,
-        formats: str = "all", n_boot: int = BOOTSTRAP_RESAMPLES, force_push: bool = False, echo=print) -> pathlib.Path:
-  """build dataset -> train -> evaluate -> export + parity -> short benchmark -> bless + push -> report.md."""
+
+def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, overrides: dict | None = None,
+        formats: str = "all", n_boot: int = BOOTSTRAP_RESAMPLES, force_push: bool = False, record="auto",
+        echo=print) -> pathlib.Path:
+  """build dataset -> train -> (quantization-aware copy) -> evaluate -> export + parity -> short benchmark -> bless +
+  push -> report.md.
+
+  Args:
+    out_dir: the job's folder (must not exist).
+    manual_dir, data_dir: the upstream files and the TFDS data dir (see covidct.dataset.build).
+    recipe: a named recipe; the default is the model of record.
+    overrides: TrainConfig fields replacing the recipe's.
+    formats: the export formats.
+    n_boot: bootstrap resamples behind every confidence interval.
+    force_push: push even when the gate does not bless.
+    record: the recipe's covidct.config.CrossValidated ('auto': the one in CROSS_VALIDATED, unless the overrides
+      change the schedule it was chosen for). With a record the model trains on all of train + validation for its
+      epochs, is made quantization-aware at its temperature (`covidct qat`, calibration only) and ships with its
+      out-of-fold threshold. Without one it trains on train, keeps its best validation epoch, and the threshold is
+      chosen on validation.
+    echo: called with one line per step.
+  Returns:
+    The path of report.md.
+  Raises:
+    CovidctError: bad input (the folder exists, a bad recipe or override).
+  """
   from covidct import dataset  # pylint: disable=import-outside-toplevel
-  from covidct.config import resolve  # pylint: disable=import-outside-toplevel
+  from covidct.config import CROSS_VALIDATED, resolve  # pylint: disable=import-outside-toplevel
+  from covidct.data import Selection  # pylint: disable=import-outside-toplevel
   from covidct.evaluate import evaluate, write_report  # pylint: disable=import-outside-toplevel
   from covidct.push import push  # pylint: disable=import-outside-toplevel
+  from covidct.quantize import qat  # pylint: disable=import-outside-toplevel
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
   from covidct.train import train  # pylint: disable=import-outside-toplevel
   from export.errors import ParityError  # pylint: disable=import-outside-toplevel
@@ -26,6 +55,13 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   out = pathlib.Path(out_dir)
   if out.exists():
     raise CovidctError(f"output folder {out} exists; choose another --out.")
+  overrides = dict(overrides or {})
+  if record == "auto":
+    record = None if SCHEDULE_FIELDS & set(overrides) else CROSS_VALIDATED.get(recipe)
+  cfg = resolve(recipe, **overrides)  # a bad recipe or override fails before anything is built
+  if record is not None and cfg.head_epochs + cfg.epochs != record.epochs:
+    raise CovidctError(f"the '{recipe}' schedule ({cfg.head_epochs} + {cfg.epochs} epochs) is not the "
+                       f"{record.epochs} epochs its cross-validation chose; give a matching record.")
   start, times = time.time(), {}
   last = [start]
 
@@ -38,20 +74,37 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   builder = dataset.build(manual_dir=manual_dir, data_dir=data_dir)
   data_dir = str(builder.data_dir_root)
   step("dataset")
-  echo("2/6 training")
-  cfg = resolve(recipe, data_dir=data_dir, **(overrides or {}))
+  cfg = resolve(recipe, data_dir=data_dir, **overrides)
   out.mkdir(parents=True)
-  summary = train(cfg, out / "model", verbose=2)
-  step("train")
+  threshold = None
+  if record is None:
+    echo("2/6 training on train (the best validation epoch is kept)")
+    summary = train(cfg, out / "model", verbose=2)
+    model_dir = out / "model"
+    step("train")
+  else:
+    echo(f"2/6 training on train + validation for the {record.epochs} epochs cross-validation chose")
+    summary = train(cfg, out / "model", verbose=2, train_data=Selection(CV_SPLIT), keep="last")
+    step("train")
+    echo(f"    quantization-aware copy (calibrated on train, temperature {record.temperature:.3f} from the "
+         "out-of-fold probabilities)")
+    qat(out / "model", out / "model-qat", epochs=0, temperature=record.temperature, data_dir=data_dir, verbose=0)
+    model_dir = out / "model-qat"
+    threshold = {"value": record.quantized_threshold(), "chosen_on": "5-fold cross-validation's out-of-fold "
+                 f"probabilities (docs/results/cross-validation.md; float threshold {record.threshold:.4f}, "
+                 f"temperature {record.temperature:.3f})"}
+    step("qat")
   echo("3/6 evaluation on the test split")
-  runner = SavedModelRunner(out / "model" / "saved_model")
-  report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot, shortcut_audit=True)
-  write_report(report, out / "model" / "evaluation-test")
+  runner = SavedModelRunner(model_dir / "saved_model")
+  report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot, shortcut_audit=True,
+                    threshold=threshold)
+  write_report(report, model_dir / "evaluation-test")
   step("evaluate")
   echo("4/6 export and parity")
   parity_error = None
   try:
-    manifest = export_model(out / "model", out / "export", formats, data_dir=data_dir, n_boot=n_boot, progress=echo)
+    manifest = export_model(model_dir, out / "export", formats, data_dir=data_dir, n_boot=n_boot,
+                            threshold=threshold, progress=echo)
   except ParityError as e:
     parity_error = str(e)
     manifest = Manifest.load(out / "export")
@@ -70,23 +123,39 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = "default", overri
   step("push")
   times["total"] = round(time.time() - start, 1)
   (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench,
-                                         report.get("shortcut_audit")))
+                                         report.get("shortcut_audit"), record, model_dir))
   echo(f"report: {out / 'report.md'}")
   return out / "report.md"
 
 
-def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, bench, audit=None) -> str:
+def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, bench, audit=None, record=None,
+            model_dir=None) -> str:
   test = manifest.metrics["saved_model"]["test"]
   ci = test.get("ci95", {})
   at = test["at_threshold"]
+  if record is None:
+    trained = (f"trained on train; best epoch {summary['best_epoch']} of {summary['epochs_run']} (validation "
+               f"{cfg.monitor}).")
+  else:
+    trained = (f"trained on train + validation for {summary['epochs_run']} epochs (all kept), then made "
+               f"quantization-aware (`{model_dir.name}`: calibrated int8 steps, temperature {record.temperature:.3f}).")
   lines = [
       "# covidct pipeline report", "",
-      f"Recipe `{cfg.recipe}`, model `{cfg.model}` at {cfg.image_size}x{cfg.image_size}, seed {cfg.seed}; best epoch "
-      f"{summary['best_epoch']} of {summary['epochs_run']} (validation {cfg.monitor}).", "",
+      f"Recipe `{cfg.recipe}`, model `{cfg.model}` at {cfg.image_size}x{cfg.image_size}, seed {cfg.seed}; {trained}", "",
+  ]
+  if record is not None:
+    lines += [
+        "## Chosen by cross-validation (train + validation, never test)", "",
+        f"{record.folds}-fold patient-grouped cross-validation of this recipe chose its epochs, threshold and "
+        f"temperature: ROC AUC {record.roc_auc:.3f} +- {record.roc_auc_sd:.3f} over folds (pooled out-of-fold "
+        f"{record.pooled_roc_auc:.3f}); at each fold's threshold chosen on the other folds, sensitivity "
+        f"{record.sensitivity:.3f} and specificity {record.specificity:.3f} (means). Measured {record.measured}; "
+        f"`{record.command}`. Table: docs/results/cross-validation.md.", ""]
+  lines += [
       "## Test metrics (SavedModel, official test split)", "",
       f"ROC AUC {fmt_ci(test['roc_auc'], ci.get('roc_auc'))}, PR AUC {test['pr_auc']:.3f}. Operating threshold "
-      f"{manifest.threshold:.4f} (chosen on validation for sensitivity >= "
-      f"{manifest.operating_threshold['target_sensitivity']}):", "",
+      f"{manifest.threshold:.4f} (chosen on {manifest.operating_threshold.get('chosen_on', 'validation')} for "
+      f"sensitivity >= {manifest.operating_threshold['target_sensitivity']}):", "",
       table(["metric", "at 0.5", "at threshold (95% CI, bootstrap over patients)"],
             [(m, f"{test['at_0.5'][m]:.3f}", fmt_ci(at[m], ci.get(m)))
              for m in ("sensitivity", "specificity", "precision", "accuracy", "f1")]),
@@ -123,7 +192,8 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
                   f"{rec['p50_ms']:.2f} ms."]
   lines += ["", f"Full table: `{out}/bench/bench.md`.", "", "## Where things are", "",
             f"- model: `{out}/model` (SavedModel, model.keras, curves.png, history.json, logs/)",
-            f"- evaluation: `{out}/model/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",
+            *([f"- quantization-aware model (the one shipped): `{model_dir}`"] if record is not None else []),
+            f"- evaluation: `{model_dir}/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",
             f"- export: `{out}/export/` (artifacts, parity.md, manifest.json)",
             f"- serving: `{out}/serving/`", "",
             "## Wall time (s)", "", " | ".join(f"{k} {v}" for k, v in times.items())]

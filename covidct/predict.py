@@ -155,15 +155,18 @@ def predictions(runner, files: Iterable, threshold: float, batch_size: int | Non
 
 
 def model_threshold(model_path, threshold: float | None = None, manifest=None) -> dict:
-  """{'value', 'from'}: `threshold` if given, else the artifact's own metadata (.onnx), else a manifest.json beside
-  or above it (`manifest`: find_manifest's answer, when the caller has it and has checked the file), else 0.5."""
+  """{'value', 'from'}: `threshold` if given, else the artifact's own metadata (.onnx metadata_props, .tflite
+  TFLite metadata), else a manifest.json beside or above it (`manifest`: find_manifest's answer, when the caller has
+  it and has checked the file), else 0.5."""
   from covidct.runners import read_onnx_meaning  # pylint: disable=import-outside-toplevel
+  from covidct.tflite_metadata import read_meaning  # pylint: disable=import-outside-toplevel
 
   if threshold is not None:
     return {"value": check_threshold(threshold), "from": "--threshold"}
-  own = read_onnx_meaning(model_path) if str(model_path).endswith(".onnx") else None
+  suffix = pathlib.Path(model_path).suffix.lower()
+  own = {".onnx": read_onnx_meaning, ".tflite": read_meaning}.get(suffix, lambda _: None)(model_path)
   if own:
-    found = (own["threshold"], f"{model_path} (its ONNX metadata)")
+    found = (own["threshold"], f"{model_path} (its {'ONNX' if suffix == '.onnx' else 'TFLite'} metadata)")
   else:
     found = (manifest[0].threshold, str(manifest[1])) if manifest else find_threshold(model_path)
   return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}

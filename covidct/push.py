@@ -11,26 +11,11 @@ import time
 
 from covidct.errors import CovidctError
 from covidct.fsutil import remove_stale_partials
-from covidct.manifest import MANIFEST_FILE, Manifest, read_json, write_json
+from covidct.manifest import MANIFEST_FILE, Manifest, write_json
 from covidct.reporting import fmt_ci, table
+from covidct.repository import BLESSING_FILE, versions  # noqa: F401  (versions: push --list)
 
-BLESSING_FILE = "blessing.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
-
-
-def versions(serving_dir) -> list[dict]:
-  """Pushed versions, oldest first, each with its blessing and metrics."""
-  root = pathlib.Path(serving_dir)
-  out = []
-  if root.is_dir():
-    for d in sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-      info = read_json(d / BLESSING_FILE, "a covidct blessing record",
-                       f"restore it, or move version {d.name} out of {root}") if (d / BLESSING_FILE).exists() else {}
-      if not isinstance(info, dict):
-        raise CovidctError(f"{d / BLESSING_FILE}: not a covidct blessing record (a JSON {type(info).__name__}); "
-                           f"restore it, or move version {d.name} out of {root}.")
-      out.append({"version": int(d.name), "path": str(d), **info})
-  return out
 
 
 def check_files(src: pathlib.Path, manifest: Manifest) -> None:
@@ -140,7 +125,7 @@ patient-level split: train {counts['train']}, validation {counts['validation']},
 grayscale slice, {manifest.input['dtype']} {manifest.input['shape']}. Preprocessing: {manifest.preprocessing}.
 
 ## Metrics (test split, SavedModel)
-Operating threshold {thr['value']:.4f}, chosen on the validation split for sensitivity >= {thr['target_sensitivity']}.
+Operating threshold {thr['value']:.4f}, chosen on {thr.get('chosen_on', 'validation')} for sensitivity >= {thr['target_sensitivity']}.
 Confidence intervals: bootstrap over patients.
 
 {metrics}
@@ -161,6 +146,18 @@ Confidence intervals: bootstrap over patients.
   `--strict` refuses); a slice that passes the guard can still be outside what the model knows.
 - Labels are per slice, not per patient or per study; a non-COVID label does not exclude other disease.
 """
+
+
+def stage_version(export_dir, dst) -> None:
+  """Lays an export out as a pushed version in `dst`: the SavedModel at the top (TF Serving reads
+  serving/<N>/saved_model.pb) and the export's files (copies, manifest, parity, guard) in assets.extra/."""
+  src, dst = pathlib.Path(export_dir), pathlib.Path(dst)
+  shutil.copytree(src / "saved_model", dst)
+  extra = dst / "assets.extra"
+  extra.mkdir(exist_ok=True)
+  for p in src.iterdir():
+    if p.is_file():
+      shutil.copy2(p, extra / p.name)
 
 
 PUSH_ATTEMPTS = 20  # versions tried when pushes run at once
@@ -186,13 +183,14 @@ def _claim_version(tmp: pathlib.Path, root: pathlib.Path, prepare) -> int:
                      "again.")
 
 
-def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False) -> dict:
+def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False, infra_validation: bool = True) -> dict:
   """Checks the export's files against its manifest, measures its SavedModel on the test split, blesses it against
-  `gate` (covidct.config.GateConfig) and, when blessed (or forced), copies it to serving_dir/<N>/ atomically.
+  `gate` (covidct.config.GateConfig) and, when blessed (or forced), copies it to serving_dir/<N>/ atomically, after
+  (with `infra_validation`) the candidate has been served by `covidct serve` and answered its canaries.
 
   Raises:
-    CovidctError: the export is damaged, changed or incomplete (never pushed, even with `force`), or not blessed
-      and not forced.
+    CovidctError: the export is damaged, changed or incomplete, or the candidate fails in the server (never pushed,
+      even with `force`), or it is not blessed and not forced.
   """
   from covidct.config import GateConfig  # pylint: disable=import-outside-toplevel
 
@@ -214,15 +212,14 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False)
   tmp = root / f".push.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    shutil.copytree(src / "saved_model", tmp)  # TF Serving reads serving/<N>/saved_model.pb
-    extra = tmp / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    for p in src.iterdir():
-      if p.is_file():
-        shutil.copy2(p, extra / p.name)
+    stage_version(src, tmp)
     info = {"blessed": ok, "forced": bool(force and not ok), "reasons": reasons, "test": measured,
             "gate": dataclasses.asdict(gate), "source": str(src.resolve()),
             "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if infra_validation:
+      from covidct.serve import infra_validate  # pylint: disable=import-outside-toplevel
+
+      info["infra_validation"] = infra_validate(tmp, src)
     write_json(tmp / BLESSING_FILE, info)
     version = _claim_version(tmp, root, lambda v: (tmp / MODEL_CARD_FILE).write_text(model_card(manifest, v)))
   except BaseException:

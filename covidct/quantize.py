@@ -30,6 +30,7 @@ from covidct.config import CALIBRATION_IMAGES
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir, refuse_existing
 from covidct.layers import INPUT_RANGES, OUTPUT_STEP, FakeQuant, QuantConv  # noqa: F401
+from covidct.metrics import fit_temperature
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 
 def _fold(conv, bn):
@@ -142,21 +143,6 @@ def logits(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
   f = np.concatenate([np.asarray(features(np.asarray(images[i:i + batch_size], np.float32), training=False))
                       for i in range(0, len(images), batch_size)])
   return (f @ k + b).reshape(-1).astype(np.float64)
-
-
-def fit_temperature(z: np.ndarray, labels: np.ndarray) -> float:
-  """Temperature scaling (Guo et al., 2017): the T minimizing the log loss of sigmoid(z / T) on held-out labels. It
-  leaves the ranking (ROC AUC) unchanged; an over-confident model (T > 1) gets probabilities spread out enough for an
-  8-bit output, whose step is 1/256, to keep them apart."""
-  from scipy.optimize import minimize_scalar  # pylint: disable=import-outside-toplevel
-
-  y = np.asarray(labels, np.float64)
-
-  def nll(log_t):
-    s = z / np.exp(log_t)
-    return float(np.mean(np.logaddexp(0.0, s) - y * s))  # -log sigmoid(s) for y = 1, -log(1 - sigmoid(s)) for 0
-
-  return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(100.0)), method="bounded").x))
 
 
 def calibrate_ranges(model, images: np.ndarray, batch_size: int = 32, temperature: float = 1.0) -> dict:

@@ -137,7 +137,7 @@ def _Deadline(deadline: float):  # pylint: disable=invalid-name
 
 
 def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, train_data="train",
-          validation_data="validation", deadline: float | None = None) -> dict:
+          validation_data="validation", deadline: float | None = None, keep: str = "best") -> dict:
   """Trains `cfg` and writes `out_dir`: saved_model/, model.keras, config.json, history.json, logs/, curves.png,
   and validation_predictions.npz (the validation data's probabilities after every epoch).
 
@@ -150,6 +150,8 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
     train_data, validation_data: split names or covidct.data.Selection (cross-validation folds); the epoch kept is
       the best on `validation_data`.
     deadline: a time.time() after which training stops at the end of the current epoch (summary['stopped']).
+    keep: 'best', the epoch best on `validation_data`; or 'last', the whole schedule with no early stopping (a
+      final model trained on train + validation for the epochs its cross-validation chose).
 
   Returns:
     A summary: best epoch, validation metrics, wall time.
@@ -160,6 +162,8 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
   from covidct.data import build_augmenter, build_inputs  # pylint: disable=import-outside-toplevel
   from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
 
+  if keep not in ("best", "last"):
+    raise CovidctError(f"keep must be 'best' or 'last', got {keep!r}.")
   out = pathlib.Path(out_dir)
   refuse_existing(out, overwrite)
   load_builder(cfg.data_dir)  # a clear error before anything is written when the dataset is missing
@@ -212,7 +216,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
         if stopper.stopped:
           return
         callbacks.append(stopper)
-      if early_stopping:
+      if early_stopping and keep == "best":
         callbacks.insert(2, keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
                                                           patience=cfg.patience or cfg.epochs, verbose=min(verbose, 1)))
       hist = fit_model.fit(train_ds, initial_epoch=first_epoch, epochs=last_epoch, callbacks=callbacks,
@@ -239,7 +243,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
         unfreeze()
       fit(cfg.learning_rate, 0, cfg.epochs, early_stopping=True)
     scores = history[cfg.monitor]
-    if keep_best.best_weights is None:  # the monitor was never defined (e.g. one class in validation)
+    if keep == "last" or keep_best.best_weights is None:  # the whole schedule, or no monitor (one class)
       best = len(scores) - 1
     else:
       model.set_weights(keep_best.best_weights)  # the best validation epoch, over every stage
@@ -254,7 +258,7 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
         "best_epoch": best + 1, "epochs_run": len(scores), "monitor": cfg.monitor,
         "validation": {k[4:]: history[k][best] for k in history if k.startswith("val_")},
         "augment_on": augment_on, "replicas": strategy.num_replicas_in_sync, "wall_time_s": time.time() - start,
-        "train_data": str(train_data), "validation_data": str(validation_data),
+        "train_data": str(train_data), "validation_data": str(validation_data), "kept": keep,
         "stopped": bool(stopper is not None and stopper.stopped),
     }
     (tmp / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))

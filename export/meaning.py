@@ -14,11 +14,10 @@ import pathlib
 
 import numpy as np
 
-from covidct.errors import CovidctError
 from covidct.models import INPUT_NAME, OUTPUT_NAME
+from covidct.vectors import VECTORS_DIR, load_vectors
 
 LABELS = ("NonCOVID", "COVID")
-VECTORS_DIR = "test_data"  # beside the artifacts: test_data/<stem>/test_data_set_0/{input_0,output_0}.pb, <stem>.npz
 N_VECTORS = 8
 OUTPUT_STEP = 1.0 / 256.0  # an 8-bit probability's step
 KEYS = ("labels", "operating_threshold", "target_sensitivity", "preprocessing", "input", "output", "format")
@@ -59,6 +58,37 @@ def onnx_metadata(path, manifest: dict, fmt: str, version: str) -> None:
   onnx.save(model, str(path))
 
 
+def tflite_metadata(path, manifest: dict, fmt: str, version: str) -> None:
+  """Writes TFLite metadata (covidct.tflite_metadata) into the .tflite at `path`, in place: name, version,
+  description, author, license; the input as a grayscale image of 0-255 and the output as P(COVID); labels.txt and
+  covidct_meaning.json (the same keys as an .onnx's metadata_props, threshold included) as associated files."""
+  from covidct import tflite_metadata as tm  # pylint: disable=import-outside-toplevel
+
+  size = manifest["input"]["shape"][1]
+  thr = float(manifest["operating_threshold"]["value"])
+  labels = list(manifest["labels"])
+  tm.write(path, {
+      "name": "covidct COVID-19 CT slice classifier",
+      "description": (f"{fmt}. P(COVID) of one lung CT slice; label {labels[1]} when P >= the operating threshold "
+                      f"{thr:.4f}, else {labels[0]}. Preprocessing: {manifest['preprocessing']}. Not a diagnostic "
+                      "device."),
+      "version": version, "author": "covidct", "license": "Apache-2.0",
+      "inputs": [{"name": INPUT_NAME, "image": True, "range": (0, 255),
+                  "description": f"A batch of grayscale CT slices, uint8 0-255, {size}x{size}, resized as in "
+                                 "training (see the description)."}],
+      "outputs": [{"name": OUTPUT_NAME, "range": (0, 1),
+                   "description": f"P(COVID). {labels[1]} when >= {thr:.4f} (operating threshold, chosen on "
+                                  f"{manifest['operating_threshold'].get('chosen_on', 'validation')} for sensitivity "
+                                  f">= {manifest['operating_threshold']['target_sensitivity']}), else {labels[0]}.",
+                   "associated_files": [{"name": tm.LABELS_FILE, "type": tm.TENSOR_AXIS_LABELS,
+                                         "description": "Line 1: the label below the threshold; line 2: at or "
+                                                        "above it."}]}],
+      "associated_files": [{"name": tm.MEANING_FILE, "type": tm.DESCRIPTIONS,
+                            "description": "covidct's meaning keys: labels, operating threshold, preprocessing."}],
+  }, {tm.LABELS_FILE: ("\n".join(labels) + "\n").encode(),
+      tm.MEANING_FILE: json.dumps(meaning(manifest, fmt), indent=2).encode()})
+
+
 def write_vectors(out_dir, artifact: str, images: np.ndarray, reference: np.ndarray, tolerance: float) -> str:
   """Saves `images` and the SavedModel's probabilities for one artifact; returns the vectors' path (relative)."""
   from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
@@ -84,32 +114,6 @@ def vector_tolerance(format_tolerance: float | None, measured: float) -> float:
   round (float16, int8), what export measured on these images plus two 8-bit output steps (another runtime may
   round a value or two the other way; a damaged copy is off by far more)."""
   return float(format_tolerance) if format_tolerance is not None else float(measured) + 2 * OUTPUT_STEP
-
-
-def load_vectors(artifact) -> tuple[np.ndarray, np.ndarray, float]:
-  """(images, SavedModel probabilities, tolerance) kept beside `artifact` by write_vectors."""
-  from onnx import TensorProto, numpy_helper  # pylint: disable=import-outside-toplevel
-
-  artifact = pathlib.Path(artifact)
-  base = artifact.parent / VECTORS_DIR
-  try:
-    if artifact.suffix == ".onnx":
-      folder = base / artifact.stem / "test_data_set_0"
-      arrays = []
-      for name in ("input_0.pb", "output_0.pb"):
-        tensor = TensorProto()
-        tensor.ParseFromString((folder / name).read_bytes())
-        arrays.append(numpy_helper.to_array(tensor))
-      tolerance = json.loads((base / artifact.stem / "tolerance.json").read_text())["max_abs_diff"]
-      return arrays[0], arrays[1].reshape(-1), float(tolerance)
-    with np.load(base / f"{artifact.stem}.npz") as z:
-      return z[INPUT_NAME], z[OUTPUT_NAME].reshape(-1), float(z["tolerance"])
-  except FileNotFoundError:
-    raise CovidctError(f"no test vectors for {artifact} (looked in {base}); they are written by `covidct export` "
-                       "beside each artifact: copy the test_data/ folder with it.") from None
-  except (ValueError, KeyError, OSError) as e:
-    raise CovidctError(f"the test vectors of {artifact} in {base} are damaged ({type(e).__name__}); copy them again "
-                       "from the export folder.") from None
 
 
 def verify(artifact, **runner_kwargs) -> dict:

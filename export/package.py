@@ -23,7 +23,7 @@ from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
 from covidct.versions import cpu_kind, library_versions
 from export.errors import ExportError, ParityError
 from export.formats import export_format, parse_formats
-from export.meaning import LABELS, N_VECTORS, onnx_metadata, vector_tolerance, write_vectors
+from export.meaning import LABELS, N_VECTORS, onnx_metadata, tflite_metadata, vector_tolerance, write_vectors
 from export.serving import write_serving_saved_model, write_warmup
 from export.skew import markdown as skew_markdown
 from export.skew import skew_table
@@ -55,7 +55,7 @@ def _summary(report: dict) -> dict:
 
 def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bool = False,
                  n_calibration: int = CALIBRATION_IMAGES, target_sensitivity: float = TARGET_SENSITIVITY,
-                 n_boot: int = BOOTSTRAP_RESAMPLES, progress=print) -> Manifest:
+                 n_boot: int = BOOTSTRAP_RESAMPLES, threshold: dict | None = None, progress=print) -> Manifest:
   """Exports `formats` of the SavedModel in `model_dir` into `out_dir` with parity.json/.md and manifest.json.
 
   Args:
@@ -67,6 +67,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
     n_calibration: train images that calibrate the int8 formats.
     target_sensitivity: the operating threshold reaches this sensitivity on validation.
     n_boot: bootstrap resamples behind the confidence intervals.
+    threshold: a fixed operating threshold ({'value', 'chosen_on'}) instead of the one chosen on validation: the
+      out-of-fold one of a model trained on train + validation.
     progress: called with one line per step.
   Returns:
     The Manifest written to `out_dir`.
@@ -88,8 +90,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   ref_val = evaluate(reference, size, split="validation", target_sensitivity=target_sensitivity, n_boot=n_boot,
                      arrays=arrays)
   ref_test = evaluate(reference, size, split="test", target_sensitivity=target_sensitivity, n_boot=n_boot,
-                      arrays=arrays)
-  threshold = ref_test["threshold"]["value"]
+                      arrays=arrays, threshold=threshold)
+  threshold, chosen_on = ref_test["threshold"]["value"], ref_test["threshold"]["chosen_on"]
   ref_probs = np.array([r["probability"] for r in ref_test["predictions"]])
 
   base = {  # what every copy means: in the manifest, and in each .onnx's own metadata
@@ -98,7 +100,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       "output": {"name": OUTPUT_NAME, "shape": [None, 1], "dtype": "float32", "meaning": "P(COVID)"},
       "preprocessing": PREPROCESSING.replace("SxS", f"{size}x{size}"),
       "operating_threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
-                              "chosen_on": "validation"},
+                              "chosen_on": chosen_on},
   }
   with atomic_dir(out, overwrite) as tmp:
     progress("writing the serving SavedModel (serving_default, serving_bytes, TF Serving warmup)")
@@ -116,8 +118,9 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       progress(f"exporting {fmt}")
       onnx_float = results["onnx_float32"].path if "onnx_float32" in results else None
       result = export_format(fmt, saved_model, tmp, reps, onnx_float)  # from the model itself, not the wrapper
-      if result.path.endswith(".onnx"):
-        onnx_metadata(result.path, base, fmt, library_versions().get("covidct") or "dev")
+      if result.path.endswith((".onnx", ".tflite")):
+        (onnx_metadata if result.path.endswith(".onnx") else tflite_metadata)(
+            result.path, base, fmt, library_versions().get("covidct") or "dev")
         result = dataclasses.replace(result, size_bytes=os.path.getsize(result.path), sha256=sha256(result.path))
       results[fmt] = result
     vectors = {}

@@ -82,7 +82,7 @@ def test_bench_smoke(exported, dummy_data_dir, tmp_path):
   assert report["model"]["flops_per_image"] > 0
   assert report["pipeline"]["train_pipeline_augmented_ips"] > 0 and report["pipeline"]["train_step_ips"] > 0
   assert "tensorflow" in report["environment"]["libraries"] and report["environment"]["cpu"]["cores"] >= 1
-  for name in ("bench.md", "latency.png", "accuracy_latency.png"):
+  for name in ("bench.md", "latency.png", "scaling.png", "accuracy_latency.png"):
     assert (out / name).stat().st_size > 500
   assert "| tflite_float32 / litert / 1t | pass |" in (out / "bench.md").read_text()
   # OpenVINO reads the .onnx and the float .tflite copies; each is checked against the SavedModel here.

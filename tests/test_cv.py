@@ -136,3 +136,17 @@ def test_cv_stops_at_max_minutes_and_refuses_bad_input(dummy_data_dir, tmp_path)
   assert res.exit_code == 1 and "exists" in res.output
   res = runner.invoke(main, ["cv", "--out", str(out), "--model", "nope", "--data-dir", str(dummy_data_dir)])
   assert res.exit_code == 1 and "unknown model 'nope'" in res.output
+
+
+def test_the_model_of_record_is_the_schedule_its_cross_validation_chose():
+  import math
+
+  from covidct.config import CROSS_VALIDATED, MODEL_OF_RECORD, RECIPES
+
+  cfg, record = RECIPES[MODEL_OF_RECORD], CROSS_VALIDATED[MODEL_OF_RECORD]
+  assert cfg.head_epochs + cfg.epochs == record.epochs
+  assert 0 < record.threshold < 1 and record.temperature > 0 and record.folds == 5
+  # The quantization-aware copy's probabilities are sigmoid(logit / T): the threshold moves with them.
+  logit = math.log(record.threshold / (1 - record.threshold))
+  assert record.quantized_threshold() == pytest.approx(1 / (1 + math.exp(-logit / record.temperature)))
+  assert "covidct cv --recipe finetune" in record.command

@@ -204,3 +204,65 @@ def test_mixup_in_the_training_pipeline_only(dummy_data_dir):
   assert not set(np.unique(_all(build_inputs("train", training=True, mixup=0.4, **kw))[1])) <= {0.0, 1.0}
   ev = _all(build_inputs("validation", training=False, mixup=0.4, **kw))
   np.testing.assert_array_equal(ev[1], split_arrays("validation", str(dummy_data_dir), 48)["labels"])
+
+
+def test_resize_variants_are_the_consumers_resizes():
+  import tensorflow as tf
+
+  from covidct.data import RESIZE_VARIANTS, resize_variants
+
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (97, 61, 1)).astype(np.uint8)
+  out = resize_variants(image, 32).numpy()
+  assert out.shape == (len(RESIZE_VARIANTS), 32, 32, 1) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[0], resize_image(image, 32).numpy())  # the first is inference's own resize
+  nearest = tf.image.resize(image, (32, 32), method="nearest").numpy()
+  np.testing.assert_array_equal(out[RESIZE_VARIANTS.index(("nearest", False))], nearest)
+  assert len({out[i].tobytes() for i in range(len(out))}) == len(out)  # five different images
+
+
+def test_random_resize_methods_in_training_only(dummy_data_dir):
+  from covidct.data import resize_variants
+
+  plain = AugmentConfig(horizontal_flip=False, rotation_degrees=0, shift=0, shear=0, zoom=0)
+  cfg = dataclasses.replace(plain, resize_methods=True)
+  kw = dict(data_dir=str(dummy_data_dir), image_size=32, batch_size=64)
+  train = build_inputs("train", training=True, augment=cfg, seed=0, **kw)
+  epochs = [next(iter(train))[0].numpy() for _ in range(2)]
+  again = next(iter(build_inputs("train", training=True, augment=cfg, seed=0, **kw)))[0].numpy()
+  np.testing.assert_array_equal(epochs[0], again)  # seeded
+  # Every training image is one of its five resizes, not always the same one, and the picks change between epochs.
+  raw = split_arrays("train", str(dummy_data_dir), 32)
+  import tensorflow_datasets as tfds
+
+  from covidct.dataset import load_builder
+
+  originals = [e["image"] for e in tfds.as_numpy(load_builder(str(dummy_data_dir)).as_dataset(split="train"))]
+  variants = {resize_variants(o, 32).numpy()[k].tobytes(): k for o in originals for k in range(5)}
+  picks = [[variants[x.astype(np.uint8).tobytes()] for x in batch] for batch in epochs]
+  assert len(picks[0]) == len(raw["images"]) and len(set(picks[0])) > 1 and picks[0] != picks[1]
+  # Evaluation is never resized another way.
+  val = next(iter(build_inputs("validation", augment=cfg, **kw)))[0].numpy().astype(np.uint8)
+  np.testing.assert_array_equal(val, split_arrays("validation", str(dummy_data_dir), 32)["images"][:len(val)])
+
+
+def test_jpeg_recompression_in_training_only(dummy_data_dir):
+  import pytest
+
+  from covidct.errors import CovidctError
+
+  plain = AugmentConfig(horizontal_flip=False, rotation_degrees=0, shift=0, shear=0, zoom=0)
+  kw = dict(data_dir=str(dummy_data_dir), image_size=48, batch_size=64, seed=0)
+  base = next(iter(build_inputs("train", training=True, augment=plain, **kw)))[0].numpy()
+  cfg = dataclasses.replace(plain, jpeg_quality=20)
+  train = build_inputs("train", training=True, augment=cfg, **kw)
+  a, b = next(iter(train))[0].numpy(), next(iter(train))[0].numpy()
+  again = next(iter(build_inputs("train", training=True, augment=cfg, **kw)))[0].numpy()
+  np.testing.assert_array_equal(a, again)  # seeded
+  assert a.shape == base.shape and 0 < np.abs(a - base).mean() < 20  # artefacts, not another image
+  assert not np.array_equal(a, b)  # the quality is drawn anew every epoch
+  val = next(iter(build_inputs("validation", augment=cfg, **kw)))[0].numpy()
+  np.testing.assert_array_equal(val, split_arrays("validation", str(dummy_data_dir), 48)["images"][:len(val)])
+  for bad in (100, -1, 1.5, True):
+    with pytest.raises(CovidctError, match="jpeg_quality"):
+      AugmentConfig(jpeg_quality=bad)

@@ -109,16 +109,27 @@ def test_threshold_is_checked_and_its_source_shown(exported, tmp_path):
     res = runner.invoke(main, ["predict", image, "--model", str(exported / "model_float32.onnx"), "--threshold", bad])
     assert res.exit_code == 1 and "strictly between 0 and 1" in res.stderr, bad
   res = runner.invoke(main, ["predict", image, "--model", str(exported / "model_float32.tflite")])
+  assert res.exit_code == 0 and "model_float32.tflite (its TFLite metadata))" in res.stdout
+  res = runner.invoke(main, ["predict", image, "--model", str(exported / "saved_model")])
   assert res.exit_code == 0 and f"(from {exported.resolve() / 'manifest.json'})" in res.stdout
   res = runner.invoke(main, ["predict", image, "--model", str(exported / "model_float32.onnx"), "--threshold", "0.3",
                              "--json"])
   out = json.loads(res.stdout)
   assert out["threshold"] == {"value": 0.3, "from": "--threshold"} and out["results"][0]["threshold"] == 0.3
   (tmp_path / "lone").mkdir()
-  lone = tmp_path / "lone" / "m.tflite"  # a .tflite carries no metadata yet (an .onnx does: tests/test_export.py)
-  lone.write_bytes((exported / "model_float32.tflite").read_bytes())
+  lone = tmp_path / "lone" / "m.tflite"  # no metadata of its own (covidct's copies have it) and no manifest
+  lone.write_bytes(_without_metadata(exported / "model_float32.tflite"))
   res = runner.invoke(main, ["predict", image, "--model", str(lone)])
   assert res.exit_code == 0 and "threshold 0.5000 (from default (no manifest found))" in res.stdout
+
+
+def _without_metadata(path) -> bytes:
+  """The .tflite's model flatbuffer with its TFLITE_METADATA entry (and the appended zip) left out."""
+  from ai_edge_litert.tools import flatbuffer_utils
+
+  model = flatbuffer_utils.convert_bytearray_to_object(bytearray(path.read_bytes()))
+  model.metadata = [m for m in model.metadata if m.name not in (b"TFLITE_METADATA", "TFLITE_METADATA")]
+  return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def test_predict_streams_in_batches(exported, tmp_path, monkeypatch):

@@ -42,6 +42,73 @@ def test_onnx_metadata_and_test_vectors(exported, tmp_path):
   assert alone["threshold"]["value"] == here["threshold"]["value"]
 
 
+def test_tflite_metadata_says_what_a_lone_copy_means(exported, tmp_path):
+  from covidct import tflite_metadata as tm
+
+  manifest = json.loads((exported / "manifest.json").read_text())
+  tflites = [a["file"] for a in manifest["artifacts"].values() if a["file"].endswith(".tflite")]
+  assert tflites
+  for name in tflites:
+    meta = tm.read(exported / name)
+    assert meta["name"].startswith("covidct") and meta["author"] == "covidct" and meta["license"] == "Apache-2.0"
+    assert meta["version"] and meta["min_parser_version"] == "1.0.0"
+    assert f"{manifest['operating_threshold']['value']:.4f}" in meta["description"]
+    assert [t["content"] for t in meta["inputs"]] == ["image"] and "grayscale" in meta["inputs"][0]["description"]
+    assert meta["outputs"][0]["name"] == "covid_probability" and "P(COVID)" in meta["outputs"][0]["description"]
+    assert [f["name"] for f in meta["outputs"][0]["associated_files"]] == ["labels.txt"]
+    assert tm.associated_file(exported / name, "labels.txt").decode().split() == ["NonCOVID", "COVID"]
+    assert tm.read_meaning(exported / name) == {"labels": ["NonCOVID", "COVID"],
+                                                "threshold": manifest["operating_threshold"]["value"]}
+  # The schema's own generated reader (tflite-support's, where installed) reads the same fields.
+  generated = _tflite_support_schema()
+  if generated is not None:
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = (exported / tflites[0]).read_bytes()
+    model = schema.Model.GetRootAs(data, 0)
+    entry = next(model.Metadata(i) for i in range(model.MetadataLength()) if model.Metadata(i).Name() == b"TFLITE_METADATA")
+    buf = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
+    assert generated.ModelMetadata.ModelMetadataBufferHasIdentifier(buf, 0)
+    parsed = generated.ModelMetadataT.InitFromPackedBuf(buf, 0)
+    tensor = parsed.subgraphMetadata[0].inputTensorMetadata[0]
+    assert tensor.content.contentProperties.colorSpace == generated.ColorSpaceType.GRAYSCALE
+    assert list(tensor.stats.min) == [0.0] and list(tensor.stats.max) == [255.0]
+  # Copied alone to an empty folder, a .tflite predicts what it predicts in place, with its own threshold.
+  runner = CliRunner()
+  (tmp_path / "lone").mkdir()
+  lone = tmp_path / "lone" / "copy.tflite"
+  lone.write_bytes((exported / "model_float32.tflite").read_bytes())
+  with zipfile.ZipFile(DUMMY_DATA / "Images-processed" / "CT_COVID.zip") as zf:
+    names = [n for n in zf.namelist() if not n.endswith("/")][:3]
+    files = []
+    for i, n in enumerate(names):
+      (tmp_path / f"{i}{pathlib.Path(n).suffix}").write_bytes(zf.read(n))
+      files.append(str(tmp_path / f"{i}{pathlib.Path(n).suffix}"))
+  here = json.loads(runner.invoke(main, ["predict", *files, "--model", str(exported / "model_float32.tflite"),
+                                         "--json"]).stdout)
+  alone = json.loads(runner.invoke(main, ["predict", *files, "--model", str(lone), "--json"]).stdout)
+  assert alone["threshold"]["from"].endswith("(its TFLite metadata)")
+  assert alone["threshold"]["value"] == here["threshold"]["value"]
+  assert [r["label"] for r in alone["results"]] == [r["label"] for r in here["results"]]
+  assert [r["probability"] for r in alone["results"]] == [r["probability"] for r in here["results"]]
+
+
+def _tflite_support_schema():
+  """tflite-support's generated metadata schema module, loaded from its file (its package needs libusb), or None."""
+  import importlib.util
+
+  spec = importlib.util.find_spec("tensorflow_lite_support")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "metadata" / "metadata_schema_py_generated.py"
+  if not path.exists():
+    return None
+  module_spec = importlib.util.spec_from_file_location("tflite_metadata_schema", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def test_verify_fails_on_a_perturbed_copy(exported, tmp_path):
   import onnx
   from onnx import numpy_helper

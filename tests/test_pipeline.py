@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import pytest
 from click.testing import CliRunner
 
 from covidct.cli import main
@@ -10,10 +11,20 @@ from tests.conftest import DUMMY_DATA
 
 
 def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
+  from covidct.models import mobilenet_weights_file
+  from tests.conftest import KERAS_WEIGHTS
+
+  if not (KERAS_WEIGHTS / mobilenet_weights_file(0.35)).exists():
+    pytest.skip(reason=f"the MobileNetV2 weight files are not in {KERAS_WEIGHTS}")
+  # The default recipe (the model of record's) with a smaller schedule: the cross-validated record then does not
+  # apply, so it trains on train and takes its threshold on validation (the record's path: the next test).
   res = CliRunner().invoke(main, ["pipeline", "--out", str(tmp_path / "job"), "--manual-dir", str(DUMMY_DATA),
-                                  "--data-dir", str(tmp_path / "tfds"), "--epochs", "1", "--image-size", "48",
-                                  "--formats", "tflite_float32,onnx_float32", "--bootstrap", "20", "--force-push"])
+                                  "--data-dir", str(tmp_path / "tfds"), "--weights-dir", str(KERAS_WEIGHTS),
+                                  "--model", "mobilenet_v2_0.35", "--head-epochs", "1", "--epochs", "1",
+                                  "--image-size", "48", "--formats", "tflite_float32,onnx_float32", "--bootstrap",
+                                  "20", "--force-push"])
   assert res.exit_code == 0, res.output
+  assert "Recipe `finetune`, model `mobilenet_v2_0.35`" in res.output and "trained on train; best epoch" in res.output
   job = tmp_path / "job"
   report = (job / "report.md").read_text()
   assert "## Artifacts and parity" in report and "tflite_float32" in report and "serving/1/" in report
@@ -33,3 +44,60 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
   assert resolve_model(job / "serving" / "1")[0] == job / "serving" / "1" / "assets.extra" / recommended["file"]
   assert not any(v.startswith("-") for v in times.values())  # each step its own time, never "-0.0"
   assert abs(sum(steps) - float(times["total"])) < 0.5
+
+
+def test_the_model_of_record_trains_on_train_and_validation_and_ships_its_cross_validated_threshold(
+    dummy_builder, tmp_path):
+  import dataclasses
+  import json
+
+  import numpy as np
+
+  from covidct.config import CrossValidated
+  from covidct.errors import CovidctError
+  from covidct.models import mobilenet_weights_file
+  from covidct.pipeline import run
+  from covidct.runners import SavedModelRunner
+  from tests.conftest import KERAS_WEIGHTS
+
+  if not (KERAS_WEIGHTS / mobilenet_weights_file(0.35)).exists():
+    pytest.skip(reason=f"the MobileNetV2 weight files are not in {KERAS_WEIGHTS}")
+  record = CrossValidated(epochs=2, threshold=0.3, temperature=2.0, roc_auc=0.8, roc_auc_sd=0.05,
+                          pooled_roc_auc=0.79, sensitivity=0.9, specificity=0.6, folds=5, command="covidct cv ...",
+                          measured="here")
+  overrides = dict(model="mobilenet_v2_0.35", image_size=64, batch_size=4, head_epochs=1, epochs=1,
+                   weights_dir=str(KERAS_WEIGHTS))
+  with pytest.raises(CovidctError, match="not the 3 epochs"):
+    run(tmp_path / "bad", manual_dir=DUMMY_DATA, data_dir=tmp_path / "tfds", recipe="finetune", overrides=overrides,
+        record=dataclasses.replace(record, epochs=3), echo=lambda m: None)
+  assert not (tmp_path / "bad").exists()
+  job = tmp_path / "job"
+  run(job, manual_dir=DUMMY_DATA, data_dir=tmp_path / "tfds", recipe="finetune", overrides=overrides,
+      formats="tflite_float32,onnx_int8", n_boot=20, force_push=True, record=record, echo=lambda m: None)
+  history = json.loads((job / "model" / "history.json").read_text())["summary"]
+  assert history["train_data"] == "train+validation" and history["kept"] == "last" and history["epochs_run"] == 2
+  qat_config = json.loads((job / "model-qat" / "config.json").read_text())["quantization_aware"]
+  assert qat_config["temperature"] == 2.0 and qat_config["epochs"] == 0
+  # The shipped threshold is the record's, mapped through the temperature: the float model's decisions at 0.3 are
+  # the quantization-aware model's at sigmoid(logit(0.3) / 2).
+  from covidct.manifest import Manifest
+
+  manifest = Manifest.load(job / "export")
+  expected = 1 / (1 + np.exp(-np.log(0.3 / 0.7) / 2.0))
+  assert manifest.threshold == record.quantized_threshold() and abs(manifest.threshold - expected) < 1e-12
+  assert "cross-validation" in manifest.operating_threshold["chosen_on"]
+  pushed = Manifest.load(job / "serving" / "1" / "assets.extra")
+  assert pushed.threshold == manifest.threshold
+  assert "cross-validation" in (job / "serving" / "1" / "MODEL_CARD.md").read_text()
+  report = (job / "report.md").read_text()
+  assert "## Chosen by cross-validation" in report and "trained on train + validation for 2 epochs" in report
+  times = report.split("## Wall time (s)")[1]
+  assert "train" in times and "qat" in times
+  # The shipped copy is the quantization-aware one, and it ranks the test images as the float model does.
+  from covidct.data import split_arrays
+
+  images = split_arrays("test", str(tmp_path / "tfds"), 64)["images"]
+  p_float = SavedModelRunner(job / "model" / "saved_model")(images).reshape(-1)
+  p_qat = SavedModelRunner(job / "model-qat" / "saved_model")(images).reshape(-1)
+  assert np.corrcoef(p_float, p_qat)[0, 1] > 0.9
+

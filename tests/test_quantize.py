@@ -114,7 +114,7 @@ def test_calibrated_ranges_and_baked_copy(float_model, images):
 
 
 def test_fit_temperature_recovers_an_over_confident_scale():
-  from covidct.quantize import fit_temperature
+  from covidct.metrics import fit_temperature
 
   rng = np.random.default_rng(0)
   z = rng.normal(0, 2, 4000)

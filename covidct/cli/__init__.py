@@ -9,7 +9,7 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
 
-from covidct.cli import artifacts, evaluation, jobs, training  # noqa: E402  pylint: disable=wrong-import-position
+from covidct.cli import artifacts, evaluation, jobs, serving, training  # noqa: E402  pylint: disable=wrong-import-position
 from covidct.cli.data import data  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -31,7 +31,7 @@ def main(verbose):
 
 
 main.add_command(data)
-for _module in (training, evaluation, artifacts, jobs):
+for _module in (training, evaluation, artifacts, jobs, serving):
   for _command in vars(_module).values():
     if isinstance(_command, click.Command):
       main.add_command(_command)

@@ -70,10 +70,12 @@ def verify_cmd(artifacts):
               help="Bless only if test ROC AUC is at most this much below the last blessed version's (default 0.02).")
 @click.option("--force", is_flag=True, help="Push even when not blessed (recorded as forced).")
 @click.option("--list", "list_only", is_flag=True, help="List the pushed versions with their metrics.")
+@click.option("--skip-infra-validation", is_flag=True,
+              help="Do not serve the candidate (covidct serve, loopback) and check its canary answers before the push.")
 @DATA_DIR
 @friendly
 def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, min_specificity, max_regression, force, list_only,
-             data_dir):
+             skip_infra_validation, data_dir):
   """Verify EXPORT_DIR, measure it on the test split, bless it and push it to SERVING/<N>/ (or --list the versions)."""
   from covidct.config import GateConfig  # pylint: disable=import-outside-toplevel
   from covidct.push import push, versions  # pylint: disable=import-outside-toplevel
@@ -93,9 +95,13 @@ def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, min_specific
     raise click.UsageError("EXPORT_DIR is required unless --list is given.")
   gate = GateConfig(**given(min_roc_auc=min_roc_auc, min_sensitivity=min_sensitivity,
                              min_specificity=min_specificity, max_regression=max_regression))
-  info = push(export_dir, serving_dir, gate, data_dir=data_dir, force=force)
+  info = push(export_dir, serving_dir, gate, data_dir=data_dir, force=force,
+              infra_validation=not skip_infra_validation)
   state = "blessed" if info["blessed"] else "NOT blessed, forced"
-  click.echo(f"pushed version {info['version']} ({state}) to {info['path']}")
+  infra = info.get("infra_validation")
+  click.echo(f"pushed version {info['version']} ({state}) to {info['path']}"
+             + (f"; served by covidct serve, {infra['canaries']} canaries answered within {infra['max_abs_diff']:.1e}"
+                if infra else "; infra validation skipped"))
 
 
 @click.command("predict")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from covidct.cli.options import BOOTSTRAP, DATA_DIR, friendly, int_list, positive
+from covidct.cli.options import BOOTSTRAP, DATA_DIR, WEIGHTS_DIR, friendly, given, int_list, positive
+from covidct.config import MODEL_OF_RECORD
 
 
 @click.command("bench")
@@ -23,10 +24,13 @@ from covidct.cli.options import BOOTSTRAP, DATA_DIR, friendly, int_list, positiv
                    "tf_signature_gpu, ort_cuda, ort_tensorrt (default: all). E.g. 'ort,ort_cuda' on a GPU machine "
                    "without TensorFlow.")
 @DATA_DIR
+@click.option("--load-test", "load_seconds", type=float, default=None, metavar="SECONDS",
+              help="Also serve the export (covidct serve, loopback) and load it with Locust at 1, 8 and 32 concurrent "
+                   "clients, SECONDS each.")
 @click.option("--overwrite", is_flag=True)
 @friendly
 def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_seconds, no_pipeline, runtimes, data_dir,
-              overwrite):
+              load_seconds, overwrite):
   """Latency and throughput of every artifact in ARTIFACTS_DIR (a `covidct export` folder) on every runtime."""
   import pathlib  # pylint: disable=import-outside-toplevel
 
@@ -39,7 +43,8 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
 
   report = run_benchmark(artifacts_dir, out, batch_sizes, threads, runs, warmup, max_seconds, data_dir=data_dir,
                          pipeline=not no_pipeline, overwrite=overwrite, progress=lambda m: click.echo(m, err=True),
-                         runtimes=[r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None)
+                         runtimes=[r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None,
+                         load_seconds=load_seconds)
   click.echo(markdown(report))
   click.echo(f"Report: {out}/bench.md")
 
@@ -49,18 +54,24 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
 @click.option("--manual-dir", type=click.Path(file_okay=False), default=None,
               help="Folder with the upstream files (offline). Without it, they are downloaded.")
 @DATA_DIR
-@click.option("--epochs", type=int, default=None, callback=positive, help="Override the recipe's epochs.")
-@click.option("--image-size", type=int, default=None, callback=positive)
+@click.option("--recipe", type=click.Choice(["finetune", "default", "article"]), default=MODEL_OF_RECORD,
+              show_default=True, help="'finetune': the model of record (MobileNetV2, chosen by cross-validation); "
+                                      "'default': the article's CNN, made to learn; 'article': as written.")
+@WEIGHTS_DIR
+@click.option("--model", default=None, help="Override the recipe's architecture (the cross-validated record then "
+                                            "no longer applies: trains on train, threshold chosen on validation).")
+@click.option("--epochs", type=int, default=None, callback=positive, help="Override the recipe's epochs (as --model).")
+@click.option("--head-epochs", type=int, default=None, help="Override the recipe's head epochs (as --model).")
+@click.option("--image-size", type=int, default=None, callback=positive, help="Override the input size (as --model).")
 @click.option("--seed", type=int, default=None)
 @click.option("--formats", default="all", show_default=True)
 @BOOTSTRAP
 @click.option("--force-push", is_flag=True, help="Push even if the model is not blessed.")
 @friendly
-def pipeline_cmd(out_dir, manual_dir, data_dir, epochs, image_size, seed, formats, n_boot, force_push):
-  """The main job: build the dataset, train (default recipe), evaluate, export, check parity, push, report."""
+def pipeline_cmd(out_dir, manual_dir, data_dir, recipe, formats, n_boot, force_push, **overrides):
+  """The main job: build the dataset, train the model of record, evaluate, export, check parity, bench, push, report."""
   from covidct.pipeline import run  # pylint: disable=import-outside-toplevel
 
-  overrides = {k: v for k, v in dict(epochs=epochs, image_size=image_size, seed=seed).items() if v is not None}
-  run(out_dir, manual_dir=manual_dir, data_dir=data_dir, overrides=overrides, formats=formats, n_boot=n_boot,
-      force_push=force_push, echo=lambda m: click.echo(m, err=True))
+  run(out_dir, manual_dir=manual_dir, data_dir=data_dir, recipe=recipe, overrides=given(**overrides), formats=formats,
+      n_boot=n_boot, force_push=force_push, echo=lambda m: click.echo(m, err=True))
   click.echo((__import__("pathlib").Path(out_dir) / "report.md").read_text())

@@ -125,7 +125,15 @@ TRAINING_OPTIONS = [
     click.option("--brightness", type=float, default=None, metavar="FRACTION",
                  help="Shift each augmented training image's brightness by a random fraction of 255 in "
                       "[-FRACTION, FRACTION] (needs augmentation; 0 turns it off)."),
+    click.option("--resize-methods/--no-resize-methods", default=None,
+                 help="Resize each augmented training image by a method drawn at random (bilinear with and without "
+                      "antialiasing, area, bicubic, nearest), so consumers' resizes agree (needs augmentation)."),
+    click.option("--jpeg-quality", type=int, default=None, metavar="Q",
+                 help="Re-compress every augmented training image as JPEG at a random quality from Q to 100, both "
+                      "classes alike (needs augmentation; 0 turns it off)."),
     click.option("--head-epochs", type=int, default=None, help="Backbones: epochs on a frozen backbone first."),
+    click.option("--fine-tune-learning-rate", type=float, default=None, callback=positive,
+                 help="Backbones: the learning rate once the backbone is unfrozen (default: the recipe's)."),
     click.option("--fine-tune-from", default=None, metavar="LAYER",
                  help="Backbones: fine-tune only from this backbone layer up, an index or a name prefix such as "
                       "block_13 (default: the whole backbone)."),

@@ -1,0 +1,26 @@
+"""The serving folder `covidct push` writes and `covidct serve` reads: one folder per version (serving/<N>/), each
+with the blessing record of its push."""
+
+from __future__ import annotations
+
+import pathlib
+
+from covidct.errors import CovidctError
+from covidct.manifest import read_json
+
+BLESSING_FILE = "blessing.json"
+
+
+def versions(serving_dir) -> list[dict]:
+  """Pushed versions, oldest first, each with its blessing and metrics."""
+  root = pathlib.Path(serving_dir)
+  out = []
+  if root.is_dir():
+    for d in sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+      info = read_json(d / BLESSING_FILE, "a covidct blessing record",
+                       f"restore it, or move version {d.name} out of {root}") if (d / BLESSING_FILE).exists() else {}
+      if not isinstance(info, dict):
+        raise CovidctError(f"{d / BLESSING_FILE}: not a covidct blessing record (a JSON {type(info).__name__}); "
+                           f"restore it, or move version {d.name} out of {root}.")
+      out.append({"version": int(d.name), "path": str(d), **info})
+  return out

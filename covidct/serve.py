@@ -1,0 +1,441 @@
+"""`covidct serve`: a pushed version behind KServe's model server (Open Inference Protocol v2 over REST and gRPC,
+and the TF-Serving-style v1 REST API), on loopback unless told otherwise.
+
+KServe's `ModelServer` binds every interface (`0.0.0.0` for REST, `[::]` for gRPC) with no option, so `start`
+below builds the same two servers with the host given: the REST server's uvicorn config takes the host, and the
+gRPC server is KServe's with its listening address made from the host. Everything else (the endpoints, their
+request parsing, the v2 datamodels, the 4xx mapping of InvalidInput / ModelNotFound) is KServe's.
+
+The model (`CovidctModel`) runs the copy `covidct bench` recommended for the version (or `--runtime`'s), with the
+labels, threshold and input spec from the version's manifest. A newer blessed version pushed while serving is
+picked up by `--reload-seconds` polling; a swap replaces the runner between requests, so in-flight ones finish on
+the one they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import pathlib
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from covidct.errors import CovidctError
+
+MODEL_NAME = "covidct"
+IMAGE_INPUT = "image"  # v2: uint8 [N, S, S, 1], resized as in training
+BYTES_INPUT = "image_bytes"  # v2: BYTES [N], encoded PNG/JPEG (base64 strings over REST JSON, raw bytes over gRPC)
+PROBABILITY_OUTPUT = "covid_probability"
+LABEL_OUTPUT = "label"
+MAX_BATCH = 64  # images in one request
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body larger than this is refused (413) before it is read
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_GRPC_PORT = 8081
+RUNTIMES = {"onnxruntime": "default", "litert": "default", "tensorflow": "default", "openvino": "openvino"}
+
+
+def latest_blessed(serving_dir) -> int:
+  """The newest pushed version that was blessed (or pushed with --force: a person's decision to ship it)."""
+  from covidct.repository import versions  # pylint: disable=import-outside-toplevel
+
+  blessed = [v["version"] for v in versions(serving_dir) if v.get("blessed") or v.get("forced")]
+  if not blessed:
+    raise CovidctError(f"{serving_dir} holds no blessed version; push one first (covidct push EXPORT --serving "
+                       f"{serving_dir}).")
+  return blessed[-1]
+
+
+def version_artifact(version_dir: pathlib.Path, runtime: str | None) -> tuple[pathlib.Path, str]:
+  """(artifact, runner runtime) for a pushed version: bench's recommendation, or the copy for `runtime`."""
+  from covidct.manifest import Manifest  # pylint: disable=import-outside-toplevel
+  from covidct.predict import resolve_model  # pylint: disable=import-outside-toplevel
+
+  if runtime is None:
+    artifact, how, _ = resolve_model(version_dir)
+    return artifact, how
+  if runtime not in RUNTIMES:
+    raise CovidctError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
+  if runtime == "tensorflow":
+    return version_dir, "default"
+  manifest = Manifest.load(version_dir / "assets.extra")
+  suffix = ".tflite" if runtime == "litert" else ".onnx"
+  float_first = sorted((a for a in manifest.artifacts.values() if a["file"].endswith(suffix)
+                        and a["parity"]["passed"]), key=lambda a: "float32" not in a["file"])
+  if runtime == "openvino" and not float_first:
+    float_first = sorted((a for a in manifest.artifacts.values() if a["file"].endswith((".onnx", ".tflite"))
+                          and a["parity"]["passed"]), key=lambda a: "float32" not in a["file"])
+  if not float_first:
+    raise CovidctError(f"version {version_dir.name} has no {suffix} copy that passed parity for {runtime}.")
+  return version_dir / "assets.extra" / float_first[0]["file"], RUNTIMES[runtime]
+
+
+class Served:
+  """One loaded version: its runner and what it means. Swapped whole on reload."""
+
+  def __init__(self, serving_dir, version: int, runtime: str | None):
+    from covidct.manifest import Manifest  # pylint: disable=import-outside-toplevel
+    from covidct.predict import check_listed_file, find_manifest  # pylint: disable=import-outside-toplevel
+    from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
+
+    self.version = version
+    self.dir = pathlib.Path(serving_dir) / str(version)
+    self.artifact, how = version_artifact(self.dir, runtime)
+    found = find_manifest(self.artifact)
+    if found is not None and self.artifact.is_file():
+      check_listed_file(self.artifact, *found)
+    self.manifest = Manifest.load(self.dir / "assets.extra")
+    self.runner = load_runner(self.artifact, runtime=how)
+    self.size = int(self.manifest.input["shape"][1])
+    self.labels = list(self.manifest.labels)
+    self.threshold = float(self.manifest.threshold)
+    self.lock = threading.Lock()  # runners are not all safe to call from several threads at once
+
+  def warm(self) -> None:
+    """One encoded image through decode, resize and the model, so the first request is not the slow one (the
+    decoder's TensorFlow loads here)."""
+    import io  # pylint: disable=import-outside-toplevel
+
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    from covidct.predict import decode_image  # pylint: disable=import-outside-toplevel
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((self.size, self.size), 128, np.uint8)).save(buf, format="PNG")
+    self.score(decode_image(buf.getvalue(), "warm-up", self.size)[0][None])
+
+  def score(self, images: np.ndarray) -> np.ndarray:
+    with self.lock:
+      p = np.asarray(self.runner(images), np.float64).reshape(-1)
+    if p.shape[0] != images.shape[0] or not np.all((p >= 0) & (p <= 1)):
+      raise CovidctError("the model returned something other than one probability in [0, 1] per image.")
+    return p
+
+
+def _kserve_model_class():
+  """CovidctModel, defined on first use (importing kserve parses its own flags and starts its logging)."""
+  import kserve  # pylint: disable=import-outside-toplevel
+  from kserve.errors import InvalidInput  # pylint: disable=import-outside-toplevel
+  from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # pylint: disable=import-outside-toplevel
+
+  from covidct.predict import decode_image  # pylint: disable=import-outside-toplevel
+
+  class CovidctModel(kserve.Model):
+    """The served version behind KServe's endpoints."""
+
+    def __init__(self, serving_dir, version: int | None, runtime: str | None, max_batch: int = MAX_BATCH):
+      super().__init__(MODEL_NAME)
+      self.serving_dir, self.pinned, self.runtime, self.max_batch = serving_dir, version, runtime, max_batch
+      self.served: Served | None = None
+
+    def load(self) -> bool:
+      self.served = Served(self.serving_dir, self.pinned or latest_blessed(self.serving_dir), self.runtime)
+      self.served.warm()
+      self.ready = True
+      return True
+
+    def reload_if_newer(self) -> int | None:
+      """Loads the newest blessed version if it is newer than the served one (not when pinned); its number."""
+      if self.pinned is not None:
+        return None
+      newest = latest_blessed(self.serving_dir)
+      if newest == self.served.version:
+        return None
+      served = Served(self.serving_dir, newest, self.runtime)
+      served.warm()
+      self.served = served  # one assignment: requests see the old version or the new one, warm
+      return newest
+
+    def get_input_types(self):
+      s = self.served.size
+      return [{"name": IMAGE_INPUT, "datatype": "UINT8", "shape": [-1, s, s, 1]},
+              {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self):
+      return [{"name": PROBABILITY_OUTPUT, "datatype": "FP32", "shape": [-1, 1]},
+              {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def _check_batch(self, n: int):
+      if n == 0:
+        raise InvalidInput("empty batch: send at least one image.")
+      if n > self.max_batch:
+        raise InvalidInput(f"batch of {n} images is over this server's maximum of {self.max_batch}; split it.")
+
+    def _decode(self, items, size) -> np.ndarray:
+      self._check_batch(len(items))
+      out = []
+      for i, data in enumerate(items):
+        try:
+          out.append(decode_image(data, f"image {i}", size)[0])
+        except CovidctError as e:
+          raise InvalidInput(str(e)) from e
+      return np.stack(out)
+
+    def _images(self, served: Served, payload) -> np.ndarray:
+      size = served.size
+      if isinstance(payload, dict):  # v1: {"instances": [{"b64": ...} | nested uint8 lists]}
+        instances = payload.get("instances")
+        if not isinstance(instances, list):
+          raise InvalidInput('expected {"instances": [...]}, each {"b64": "<base64 PNG/JPEG>"}.')
+        self._check_batch(len(instances))
+        if all(isinstance(x, dict) and "b64" in x for x in instances):
+          return self._decode([_b64(x["b64"], i) for i, x in enumerate(instances)], size)
+        return self._array(np.asarray(instances, dtype=object), size)
+      if not isinstance(payload, InferRequest) or len(payload.inputs) != 1:
+        raise InvalidInput(f"expected one input, '{IMAGE_INPUT}' (UINT8 [N, {size}, {size}, 1]) or '{BYTES_INPUT}' "
+                           "(BYTES [N], encoded images).")
+      tensor = payload.inputs[0]
+      if tensor.name == BYTES_INPUT and tensor.datatype == "BYTES":
+        items = list(tensor.as_numpy().reshape(-1))
+        return self._decode([_b64(x, i) if isinstance(x, str) else bytes(x) for i, x in enumerate(items)], size)
+      if tensor.name == IMAGE_INPUT and tensor.datatype == "UINT8":
+        return self._array(tensor.as_numpy(), size)
+      raise InvalidInput(f"input {tensor.name!r} of type {tensor.datatype}: expected '{IMAGE_INPUT}' UINT8 "
+                         f"[N, {size}, {size}, 1] or '{BYTES_INPUT}' BYTES [N].")
+
+    def _array(self, array, size) -> np.ndarray:
+      try:
+        a = np.asarray(array.tolist() if array.dtype == object else array)
+      except ValueError as e:
+        raise InvalidInput("the image tensor is ragged; every image must be the same shape.") from e
+      if a.ndim == 3:
+        a = a[..., None]
+      if a.ndim != 4 or a.shape[1:] != (size, size, 1):
+        raise InvalidInput(f"image tensor of shape {list(a.shape)}; expected [N, {size}, {size}, 1] uint8, resized "
+                           "as in training (or send encoded images).")
+      self._check_batch(a.shape[0])
+      if not np.issubdtype(a.dtype, np.integer) or a.min(initial=0) < 0 or a.max(initial=0) > 255:
+        raise InvalidInput("image values must be integers from 0 to 255.")
+      return a.astype(np.uint8)
+
+    async def predict(self, payload, headers=None, response_headers=None):
+      served = self.served  # this request finishes on this version whatever a reload does meanwhile
+      loop = asyncio.get_running_loop()  # decoding and scoring off the event loop: health checks still answer
+      images = await loop.run_in_executor(None, self._images, served, payload)
+      try:
+        p = await loop.run_in_executor(None, served.score, images)
+      except CovidctError as e:
+        raise InvalidInput(str(e)) from e
+      labels = [served.labels[int(q >= served.threshold)] for q in p]
+      if isinstance(payload, dict):
+        return {"predictions": [{"probability": float(q), "label": l, "threshold": served.threshold}
+                                for q, l in zip(p, labels)],
+                "model_version": str(served.version)}
+      prob = InferOutput(PROBABILITY_OUTPUT, [len(p), 1], "FP32")
+      prob.set_data_from_numpy(p.astype(np.float32).reshape(-1, 1), binary_data=False)
+      lab = InferOutput(LABEL_OUTPUT, [len(p)], "BYTES")
+      lab.set_data_from_numpy(np.array(labels, dtype=object), binary_data=False)
+      return InferResponse(model_name=MODEL_NAME, infer_outputs=[prob, lab], response_id=payload.id or str(uuid.uuid4()),
+                           model_version=str(served.version),
+                           parameters={"threshold": repr(served.threshold)})  # KServe's gRPC: no doubles
+
+  return CovidctModel
+
+
+def _b64(text, i: int) -> bytes:
+  from kserve.errors import InvalidInput  # pylint: disable=import-outside-toplevel
+
+  try:
+    return base64.b64decode(text, validate=True)
+  except (binascii.Error, TypeError, ValueError) as e:
+    raise InvalidInput(f"image {i}: not valid base64.") from e
+
+
+def _guards(app, model, max_body: int):
+  """Middleware on KServe's FastAPI app: refuse an oversized body (413) before reading it and a version other than
+  the served one (404); route the served version's paths (/v2/models/covidct/versions/N/...) to KServe's."""
+  from fastapi.responses import JSONResponse  # pylint: disable=import-outside-toplevel
+
+  @app.middleware("http")
+  async def guard(request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body:
+      return JSONResponse({"error": f"request body of {int(length)} bytes is over this server's limit of "
+                                    f"{max_body}."}, status_code=413)
+    parts = request.url.path.strip("/").split("/")
+    if len(parts) >= 5 and parts[0] == "v2" and parts[1] == "models" and parts[3] == "versions":
+      served = model.served
+      if parts[2] == MODEL_NAME and served is not None and parts[4] != str(served.version):
+        return JSONResponse({"error": f"model {MODEL_NAME} version {parts[4]} is not served; version "
+                                      f"{served.version} is."}, status_code=404)
+      # The served version: KServe has no versioned routes (501), so answer on the unversioned one.
+      path = "/" + "/".join(parts[:3] + parts[5:])
+      request.scope["path"], request.scope["raw_path"] = path, path.encode()
+    return await call_next(request)
+
+
+def serve(serving_dir, version: int | None = None, runtime: str | None = None, host: str = "127.0.0.1",
+          http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT, max_batch: int = MAX_BATCH,
+          max_body_bytes: int = MAX_BODY_BYTES, reload_seconds: float = 5.0, ready=None) -> None:
+  """Serves a pushed version until interrupted.
+
+  Args:
+    serving_dir: the folder `covidct push` writes (serving/<N>/).
+    version: serve this version; default the latest blessed, and newer blessed ones as they are pushed.
+    runtime: onnxruntime, litert, tensorflow or openvino; default the copy `covidct bench` recommended.
+    host: the address to bind (loopback by default; 0.0.0.0 exposes the server to the network).
+    http_port, grpc_port: REST (v1 and v2) and gRPC (v2) ports; gRPC 0 turns gRPC off.
+    max_batch: most images in one request.
+    max_body_bytes: largest request body.
+    reload_seconds: how often to look for a newer blessed version (0: never).
+    ready: called with the served version once the model is loaded (tests, the push's infra validation).
+  Raises:
+    CovidctError: no such serving folder or version, or a bad option.
+  """
+  model_class = _kserve_model_class()
+  from kserve.model_server import FASTAPI_APP_IMPORT_STRING, ModelServer, app  # pylint: disable=import-outside-toplevel
+  from kserve.protocol.grpc.server import GRPCServer  # pylint: disable=import-outside-toplevel
+  from kserve.protocol.rest.server import RESTServer  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(serving_dir)
+  if not root.is_dir():
+    raise CovidctError(f"{root}: no such serving folder; push a model first (covidct push EXPORT --serving {root}).")
+  if version is not None and not (root / str(version)).is_dir():
+    raise CovidctError(f"{root} has no version {version}; `covidct push --serving {root} --list` lists them.")
+  if max_batch < 1 or max_body_bytes < 1 or reload_seconds < 0:
+    raise CovidctError("max batch and max body bytes must be positive, reload seconds zero or more.")
+  model = model_class(root, version, runtime, max_batch)
+  model.load()
+
+  class HostGRPCServer(GRPCServer):  # KServe's, listening on `host` rather than on every interface
+    async def start(self, max_workers):
+      from grpc import aio  # pylint: disable=import-outside-toplevel
+      from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # pylint: disable=import-outside-toplevel
+      from kserve.protocol.grpc.servicer import InferenceServicer  # pylint: disable=import-outside-toplevel
+      from concurrent import futures  # pylint: disable=import-outside-toplevel
+
+      self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+      grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+          InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+      self._server.add_insecure_port(f"{host}:{self._port}")
+      await self._server.start()
+      await self._server.wait_for_termination()
+
+  class HostModelServer(ModelServer):
+    def start(self, models):
+      self._register_and_check_atleast_one_model_is_ready(models)
+      _guards(app, model, max_body_bytes)
+      self._rest_server = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
+                                     self.http_port, grace_period=self.grace_period)
+      self._rest_server.config.host = host
+      self.servers.append(self._rest_server.start())
+      if grpc_port:
+        self._grpc_server = HostGRPCServer(grpc_port, self.dataplane, self.model_repository_extension, kwargs={},
+                                           grace_period=self.grace_period)
+        self.servers.append(self._grpc_server.start(self.max_threads))
+      if reload_seconds:
+        self.servers.append(_reloader(model, reload_seconds))
+      if ready is not None:
+        ready(model.served.version)
+      self.setup_event_loop()
+      self.register_signal_handler()
+      asyncio.run(self._serve())
+
+  logging.getLogger("kserve").setLevel(logging.WARNING)
+  HostModelServer(http_port=http_port, grpc_port=grpc_port or DEFAULT_GRPC_PORT, enable_grpc=bool(grpc_port),
+                  workers=1).start([model])
+
+
+async def _reloader(model, seconds: float):
+  log = logging.getLogger("covidct.serve")
+  while True:
+    await asyncio.sleep(seconds)
+    try:
+      newer = await asyncio.get_running_loop().run_in_executor(None, model.reload_if_newer)
+    except CovidctError as e:  # a damaged new version: keep serving the one loaded
+      log.warning("not reloading: %s", e)
+      continue
+    if newer is not None:
+      log.warning("now serving version %s", newer)
+
+
+def wait_until_ready(url: str, timeout: float = 60.0, process=None) -> None:
+  """Polls `url` (a readiness endpoint) until it answers 200; CovidctError on timeout or if `process` exits."""
+  import urllib.error  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
+
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if process is not None and process.poll() is not None:
+      raise CovidctError(f"the server exited with status {process.returncode} before it was ready.")
+    try:
+      with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 (loopback)
+        if r.status == 200:
+          return
+    except (urllib.error.URLError, OSError):
+      pass
+    time.sleep(0.2)
+  raise CovidctError(f"the server did not become ready at {url} within {timeout:.0f} s.")
+
+
+def infra_validate(candidate, export_dir, timeout: float = 180.0) -> dict:
+  """TFX's InfraValidator for a push: serves the `candidate` version folder (what would become serving/<N>/) with
+  `covidct serve` in a subprocess on a free loopback port, sends the export's test vectors as canary requests (OIP v2
+  REST, uint8 tensors), and checks the answers against those recorded for the copy it serves.
+
+  Returns:
+    {'artifact', 'canaries', 'max_abs_diff', 'tolerance', 'seconds'}.
+  Raises:
+    CovidctError: the server did not start, did not answer, or answered differently.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import urllib.error  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
+
+  from covidct.vectors import load_vectors  # pylint: disable=import-outside-toplevel
+
+  start = time.time()
+  candidate, export_dir = pathlib.Path(candidate).resolve(), pathlib.Path(export_dir)
+  artifact, _ = version_artifact(candidate, None)
+  images, want, tolerance = load_vectors(export_dir / (artifact.name if artifact.is_file() else "saved_model"))
+  if artifact.is_dir():
+    tolerance = max(tolerance, 1e-5)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  stage = pathlib.Path(tempfile.mkdtemp(prefix="covidct-infra-"))
+  (stage / "1").symlink_to(candidate, target_is_directory=True)
+  log = stage / "server.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "covidct.cli", "serve", str(stage), "--version", "1",
+                             "--http-port", str(port), "--grpc-port", "0", "--reload-seconds", "0"],
+                            stdout=out, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}"
+  try:
+    try:
+      wait_until_ready(f"{url}/ready", timeout=timeout, process=proc)
+    except CovidctError as e:
+      tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:]
+      raise CovidctError(f"infra validation: {e} ({tail[0][:200] if tail else 'no output'})") from None
+    body = {"inputs": [{"name": IMAGE_INPUT, "datatype": "UINT8", "shape": list(images.shape),
+                        "data": images.reshape(-1).tolist()}]}
+    req = urllib.request.Request(f"{url}/infer", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 (loopback)
+        answer = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+      raise CovidctError(f"infra validation: the server did not answer the canary request ({e}).") from None
+    got = np.asarray(next(o["data"] for o in answer["outputs"] if o["name"] == PROBABILITY_OUTPUT), np.float64)
+    diff = float(np.max(np.abs(got.reshape(-1) - want))) if len(want) else 0.0
+    if got.size != want.size or not diff <= tolerance:
+      raise CovidctError(f"infra validation: the served {artifact.name} answered the {len(want)} canary images "
+                         f"{diff:.2e} away from their recorded answers (allowed {tolerance:.1e}).")
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    shutil.rmtree(stage, ignore_errors=True)
+  return {"artifact": artifact.name if artifact.is_file() else "saved_model", "canaries": int(len(want)),
+          "max_abs_diff": diff, "tolerance": tolerance, "seconds": round(time.time() - start, 1)}
