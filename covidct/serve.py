@@ -315,7 +315,15 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
       await self._server.start()
       await self._server.wait_for_termination()
 
+  stopping = threading.Event()
+
   class HostModelServer(ModelServer):
+    def stop(self, sig):  # KServe's stops gRPC; the REST server and the reloader are told here
+      stopping.set()
+      if self._rest_server is not None:
+        self._rest_server._server.should_exit = True  # pylint: disable=protected-access
+      super().stop(sig)
+
     def start(self, models):
       self._register_and_check_atleast_one_model_is_ready(models)
       _guards(app, model, max_body_bytes)
@@ -328,7 +336,7 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
                                            grace_period=self.grace_period)
         self.servers.append(self._grpc_server.start(self.max_threads))
       if reload_seconds:
-        self.servers.append(_reloader(model, reload_seconds))
+        self.servers.append(_reloader(model, reload_seconds, stopping))
       if ready is not None:
         ready(model.served.version)
       self.setup_event_loop()
@@ -340,10 +348,15 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
                   workers=1).start([model])
 
 
-async def _reloader(model, seconds: float):
+async def _reloader(model, seconds: float, stopping: threading.Event):
   log = logging.getLogger("covidct.serve")
   while True:
-    await asyncio.sleep(seconds)
+    waited = 0.0
+    while waited < seconds:  # in small steps, so a stop is seen at once
+      if stopping.is_set():
+        return
+      await asyncio.sleep(min(0.2, seconds - waited))
+      waited += 0.2
     try:
       newer = await asyncio.get_running_loop().run_in_executor(None, model.reload_if_newer)
     except CovidctError as e:  # a damaged new version: keep serving the one loaded
