@@ -26,7 +26,7 @@ def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _make(spec):
+def make_call(spec):
   """(callable batch -> probabilities, image size) for the spec's runtime."""
   runtime, path, threads = spec["runtime"], spec["path"], spec.get("threads")
   if runtime.startswith("tf_") or runtime.startswith("keras_"):
@@ -48,10 +48,11 @@ def _make(spec):
           return r.raw(x)
 
       return call, r.image_size
-    import keras  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    model = keras.saving.load_model(path)
+    from covidct.modelio import load_keras  # pylint: disable=import-outside-toplevel
+
+    model = load_keras(path)  # covidct's own layers known: a quantization-aware model holds FakeQuant
     size = int(model.input_shape[1])
     if runtime == "keras_predict":
       return (lambda x: model.predict(x.astype(np.float32), batch_size=len(x), verbose=0)), size
@@ -83,7 +84,7 @@ def run(spec: dict) -> dict:
 
   rss_start = _rss_mb()
   t = time.perf_counter()
-  call, size = _make(spec)
+  call, size = make_call(spec)
   load_s = time.perf_counter() - t
   rng = np.random.default_rng(0)
   out = {"load_s": load_s, "batches": {}}
