@@ -10,9 +10,9 @@ is a Kubernetes sidecar), so each request is scored on its own.
 from __future__ import annotations
 
 import csv
+import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +59,7 @@ def load_test(export_dir, out_dir, concurrencies=CONCURRENCIES, seconds: float =
     CovidctError: Locust is missing, or the server does not start.
   """
   from covidct.push import stage_version  # pylint: disable=import-outside-toplevel
-  from covidct.serve import wait_until_ready  # pylint: disable=import-outside-toplevel
+  from covidct.serve import serving_subprocess  # pylint: disable=import-outside-toplevel
   from covidct.vectors import load_vectors  # pylint: disable=import-outside-toplevel
   from export.package import encode_png  # pylint: disable=import-outside-toplevel
 
@@ -76,16 +76,8 @@ def load_test(export_dir, out_dir, concurrencies=CONCURRENCIES, seconds: float =
     encoded = [encode_png(im) for im in images]  # one flat buffer and offsets: fixed-width bytes would strip NULs
     np.savez(stage / "images.npz", data=np.frombuffer(b"".join(encoded), np.uint8),
              ends=np.cumsum([len(e) for e in encoded]))
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "covidct.cli", "serve", str(stage), "--version", "1", "--http-port", str(port),
-           "--grpc-port", "0", "--reload-seconds", "0", "--max-batch", "64"] + (["--runtime", runtime] if runtime else [])
-    with open(out / "server.log", "w") as log:
-      server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-      url = f"http://127.0.0.1:{port}"
-      wait_until_ready(f"{url}/v2/models/covidct/ready", timeout=180, process=server)
+    args = ["--max-batch", "64"] + (["--runtime", runtime] if runtime else [])
+    with serving_subprocess(stage, 1, out / "server.log", args=args) as (url, server):
       for c in concurrencies:
         progress(f"load test: {c} concurrent client(s) for {seconds:.0f} s")
         stop, peak = threading.Event(), []
@@ -95,7 +87,7 @@ def load_test(export_dir, out_dir, concurrencies=CONCURRENCIES, seconds: float =
         res = subprocess.run([locust, "-f", str(LOCUSTFILE), "--headless", "-u", str(c), "-r", str(c), "-t",
                               f"{int(seconds)}s", "--host", url, "--csv", str(prefix), "--only-summary",
                               "--loglevel", "WARNING", "--exit-code-on-error", "0"],
-                             env={**__import__("os").environ, "COVIDCT_LOAD_IMAGES": str(stage / "images.npz")},
+                             env={**os.environ, "COVIDCT_LOAD_IMAGES": str(stage / "images.npz")},
                              capture_output=True, text=True, check=False, timeout=seconds + 120)
         stop.set()
         sampler.join()
@@ -103,12 +95,6 @@ def load_test(export_dir, out_dir, concurrencies=CONCURRENCIES, seconds: float =
         if stats is None:
           raise CovidctError(f"Locust wrote no statistics (exit {res.returncode}): {res.stderr.strip()[-300:]}")
         rows.append({"concurrency": c, **stats, "server_peak_rss_mb": peak[0] / 2**20 if peak else None})
-    finally:
-      server.terminate()
-      try:
-        server.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        server.kill()
   finally:
     shutil.rmtree(stage, ignore_errors=True)
   return {"server": "covidct serve (KServe model server), v1 :predict with one base64 PNG per request, loopback",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import pathlib
 import threading
@@ -385,6 +386,37 @@ def wait_until_ready(url: str, timeout: float = 60.0, process=None) -> None:
   raise CovidctError(f"the server did not become ready at {url} within {timeout:.0f} s.")
 
 
+@contextlib.contextmanager
+def serving_subprocess(serving_dir, version: int, log_path, timeout: float = 180.0, args=()):
+  """`covidct serve SERVING_DIR --version N` in a subprocess on a free loopback port (REST only, no reloading),
+  until the block ends; yields (base URL, process). CovidctError if it exits or is not ready within `timeout`."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  with open(log_path, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "covidct.cli", "serve", str(serving_dir), "--version",
+                             str(version), "--http-port", str(port), "--grpc-port", "0", "--reload-seconds", "0",
+                             *args], stdout=out, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    try:
+      wait_until_ready(f"{url}/v2/models/{MODEL_NAME}/ready", timeout=timeout, process=proc)
+    except CovidctError as e:
+      tail = [l for l in pathlib.Path(log_path).read_text(errors="replace").splitlines() if l.strip()][-1:]
+      raise CovidctError(f"{e} ({tail[0][:200] if tail else 'no output'})") from None
+    yield url, proc
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+
+
 def infra_validate(candidate, export_dir, timeout: float = 180.0) -> dict:
   """TFX's InfraValidator for a push: serves the `candidate` version folder (what would become serving/<N>/) with
   `covidct serve` in a subprocess on a free loopback port, sends the export's test vectors as canary requests (OIP v2
@@ -397,9 +429,6 @@ def infra_validate(candidate, export_dir, timeout: float = 180.0) -> dict:
   """
   import json  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  import socket  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import urllib.error  # pylint: disable=import-outside-toplevel
   import urllib.request  # pylint: disable=import-outside-toplevel
@@ -412,43 +441,27 @@ def infra_validate(candidate, export_dir, timeout: float = 180.0) -> dict:
   images, want, tolerance = load_vectors(export_dir / (artifact.name if artifact.is_file() else "saved_model"))
   if artifact.is_dir():
     tolerance = max(tolerance, 1e-5)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
   stage = pathlib.Path(tempfile.mkdtemp(prefix="covidct-infra-"))
   (stage / "1").symlink_to(candidate, target_is_directory=True)
-  log = stage / "server.log"
-  with open(log, "w") as out:
-    proc = subprocess.Popen([sys.executable, "-m", "covidct.cli", "serve", str(stage), "--version", "1",
-                             "--http-port", str(port), "--grpc-port", "0", "--reload-seconds", "0"],
-                            stdout=out, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}"
   try:
-    try:
-      wait_until_ready(f"{url}/ready", timeout=timeout, process=proc)
-    except CovidctError as e:
-      tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:]
-      raise CovidctError(f"infra validation: {e} ({tail[0][:200] if tail else 'no output'})") from None
-    body = {"inputs": [{"name": IMAGE_INPUT, "datatype": "UINT8", "shape": list(images.shape),
-                        "data": images.reshape(-1).tolist()}]}
-    req = urllib.request.Request(f"{url}/infer", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-      with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 (loopback)
-        answer = json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
-      raise CovidctError(f"infra validation: the server did not answer the canary request ({e}).") from None
+    with serving_subprocess(stage, 1, stage / "server.log", timeout=timeout) as (url, _):
+      body = {"inputs": [{"name": IMAGE_INPUT, "datatype": "UINT8", "shape": list(images.shape),
+                          "data": images.reshape(-1).tolist()}]}
+      req = urllib.request.Request(f"{url}/v2/models/{MODEL_NAME}/infer", data=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"})
+      try:
+        with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 (loopback)
+          answer = json.loads(r.read())
+      except (urllib.error.URLError, OSError, ValueError) as e:
+        raise CovidctError(f"the server did not answer the canary request ({e}).") from None
     got = np.asarray(next(o["data"] for o in answer["outputs"] if o["name"] == PROBABILITY_OUTPUT), np.float64)
     diff = float(np.max(np.abs(got.reshape(-1) - want))) if len(want) else 0.0
     if got.size != want.size or not diff <= tolerance:
-      raise CovidctError(f"infra validation: the served {artifact.name} answered the {len(want)} canary images "
-                         f"{diff:.2e} away from their recorded answers (allowed {tolerance:.1e}).")
+      raise CovidctError(f"the served {artifact.name} answered the {len(want)} canary images {diff:.2e} away from "
+                         f"their recorded answers (allowed {tolerance:.1e}).")
+  except CovidctError as e:
+    raise CovidctError(f"infra validation: {e}") from None
   finally:
-    proc.terminate()
-    try:
-      proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
     shutil.rmtree(stage, ignore_errors=True)
   return {"artifact": artifact.name if artifact.is_file() else "saved_model", "canaries": int(len(want)),
           "max_abs_diff": diff, "tolerance": tolerance, "seconds": round(time.time() - start, 1)}
