@@ -158,11 +158,11 @@ def test_qat_command_writes_a_quantized_model_whose_copies_agree(finetuned, dumm
   saved = SavedModelRunner(out / "saved_model")(test_images)
   np.testing.assert_allclose(KerasRunner(str(out / "model.keras"))(test_images), saved, atol=1e-6)
   np.testing.assert_allclose(saved * 256, np.round(saved * 256), atol=1e-4)  # the 8-bit output grid
-  from benchmarks.worker import make_call  # the bench's Keras rows load it too (its FakeQuant layers known)
+  from benchmarks.latency import run_worker  # the bench's Keras rows load it too, in a fresh process
 
-  call, size = make_call({"runtime": "keras_call", "path": str(out / "model.keras"), "threads": 1})
-  assert size == SIZE
-  np.testing.assert_allclose(np.asarray(call(test_images)).reshape(-1), saved.reshape(-1), atol=1e-6)
+  bench = run_worker({"artifact": "keras", "runtime": "keras_call", "path": str(out / "model.keras"), "threads": 1,
+                      "batch_sizes": [1], "runs": 1, "warmup": 0, "max_seconds": 1.0})
+  assert "error" not in bench and bench["batches"]["1"]["p50_ms"] > 0, bench
 
   # Export: four test images cannot rank copies (one tie moves ROC AUC by 0.25), so this checks the mechanics; the
   # agreement on real scans is measured in docs/results/official-split.md. The verdict may go either way here.
