@@ -64,14 +64,12 @@ def version_artifact(version_dir: pathlib.Path, runtime: str | None) -> tuple[pa
   if runtime == "tensorflow":
     return version_dir, "default"
   manifest = Manifest.load(version_dir / "assets.extra")
-  suffix = ".tflite" if runtime == "litert" else ".onnx"
+  suffix = {"litert": (".tflite",), "onnxruntime": (".onnx",)}.get(runtime, (".onnx", ".tflite"))  # openvino: both
   float_first = sorted((a for a in manifest.artifacts.values() if a["file"].endswith(suffix)
-                        and a["parity"]["passed"]), key=lambda a: "float32" not in a["file"])
-  if runtime == "openvino" and not float_first:
-    float_first = sorted((a for a in manifest.artifacts.values() if a["file"].endswith((".onnx", ".tflite"))
-                          and a["parity"]["passed"]), key=lambda a: "float32" not in a["file"])
+                        and a["parity"]["passed"]), key=lambda a: ("float32" not in a["file"], a["file"]))
   if not float_first:
-    raise CovidctError(f"version {version_dir.name} has no {suffix} copy that passed parity for {runtime}.")
+    raise CovidctError(f"version {version_dir.name} has no {' or '.join(suffix)} copy that passed parity for "
+                       f"{runtime}.")
   return version_dir / "assets.extra" / float_first[0]["file"], RUNTIMES[runtime]
 
 
