@@ -23,6 +23,7 @@ import numpy as np
 from covidct.errors import CovidctError
 
 MIN_LUNG_SHARE = 0.02  # of the body's area: smaller dark regions are airways, bowel gas or noise
+LUNG_CROP_MARGIN = 0.03  # of the image's side, around the lung field's box (crop_to_lungs)
 STATISTICS = ("height", "width", "aspect", "mean", "std", "jpeg", "flat_border")
 
 
@@ -63,6 +64,27 @@ def lung_mask(image: np.ndarray) -> np.ndarray:
 def lung_masks(images: np.ndarray) -> np.ndarray:
   """lung_mask of each image of a batch (N, H, W, 1) -> (N, H, W) bool."""
   return np.stack([lung_mask(im) for im in images]) if len(images) else np.zeros((0,) + images.shape[1:3], bool)
+
+
+def crop_to_lungs(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+  """De-confounding preprocessing (`--lung-crop`): one (S, S, 1) uint8 slice as its lung field alone, everything
+  outside the field black, cropped to the field's square box (plus a margin) and resized back to (S, S, 1) (bilinear,
+  antialiased), so that neither the border, the annotations nor where the lungs sit in the figure reaches the model.
+  `mask` is the lung field (lung_mask of the image when None); a slice without one comes back as it is."""
+  from skimage.transform import resize  # pylint: disable=import-outside-toplevel
+
+  x = np.asarray(image)
+  m = lung_mask(x) if mask is None else np.asarray(mask, bool)
+  if not m.any():
+    return x.astype(np.uint8)
+  size = x.shape[0]
+  rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+  side = min(size, max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 + 2 * int(round(LUNG_CROP_MARGIN * size)))
+  top = int(np.clip((rows[0] + rows[-1] + 1 - side) // 2, 0, size - side))
+  left = int(np.clip((cols[0] + cols[-1] + 1 - side) // 2, 0, size - side))
+  crop = np.where(m[..., None], x, 0)[top:top + side, left:left + side].astype(np.float32)
+  out = resize(crop, (size, size, 1), order=1, anti_aliasing=side > size, preserve_range=True)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def hide_lungs(images: np.ndarray, masks: np.ndarray) -> np.ndarray:

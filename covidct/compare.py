@@ -18,6 +18,8 @@ _NOT_OPTIONS = {"seed", "data_dir", "weights_dir", "recipe", "model", "image_siz
 
 COLUMNS = [  # (key, heading)
     ("cv_auc", "CV ROC AUC"), ("cv_sensitivity", "CV sensitivity"), ("cv_specificity", "CV specificity"),
+    ("cv_lungs_hidden", "CV ROC AUC, lungs hidden"), ("cv_lungs_only", "CV ROC AUC, lungs only"),
+    ("cv_resize_agreement", "CV decision agreement, worst resize"),
     ("val_auc", "validation ROC AUC"), ("test_auc", "test ROC AUC"), ("test_accuracy", "test accuracy at 0.5"),
     ("test_sensitivity", "test sensitivity at 0.5"), ("test_sensitivity_thr", "test sensitivity at threshold"),
     ("test_specificity_thr", "test specificity at threshold"), ("minutes", "training minutes"),
@@ -64,10 +66,19 @@ def read_cv(cv_dir) -> dict:
         "epoch": f"{result['epochs']} (cv, {len(result['folds'])} folds)", "val_auc": None,
         "minutes": result["train_minutes"]["mean"], "cv_auc": result["roc_auc"]["mean"],
         "cv_auc_sd": result["roc_auc"]["sd"], "cv_sensitivity": result["sensitivity"]["mean"],
-        "cv_specificity": result["specificity"]["mean"],
+        "cv_specificity": result["specificity"]["mean"], **_cv_audit_columns(result.get("audit")),
     }
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise CovidctError(f"{run}: cannot read its config.json or cv.json ({e}); run `covidct cv` again.") from None
+
+
+def _cv_audit_columns(audit: dict | None) -> dict:
+  """The out-of-fold shortcut audit's columns (covidct.cv.out_of_fold_audit); none for a cv run without one."""
+  if not audit:
+    return {}
+  return {"cv_lungs_hidden": audit["roc_auc"]["lungs_hidden"]["mean"],
+          "cv_lungs_only": audit["roc_auc"]["lungs_only"]["mean"],
+          "cv_resize_agreement": min(audit["resize_agreement"].values())}
 
 
 def read_run(run_dir) -> dict:

@@ -84,6 +84,10 @@ class TrainConfig:
   # shift). Off, the unfrozen layers normalise with batch statistics and update them: in Keras 3, fit's
   # training=True overrides the training=False the backbone is called with (keras-team/keras#20285).
   freeze_batch_norm: bool = False
+  # De-confounding preprocessing outside the model (covidct.audit.crop_to_lungs): every image cut down to its lung
+  # field before it reaches the model. Only `covidct cv` runs it so far (its audit applies it); a model trained
+  # with it cannot score uncropped images, so evaluate, export and predict refuse its runs.
+  lung_crop: bool = False
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):

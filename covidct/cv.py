@@ -92,7 +92,7 @@ def fold_summary(probabilities: list[np.ndarray], labels: list[np.ndarray],
 
 def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed: int = 0,
                    target_sensitivity: float = TARGET_SENSITIVITY, max_minutes: float | None = None,
-                   overwrite: bool = False, verbose: int = 0, progress: bool = True) -> dict:
+                   overwrite: bool = False, verbose: int = 0, progress: bool = True, audit: bool = True) -> dict:
   """Cross-validates the training config `cfg` over train + validation and writes `out_dir`.
 
   Args:
@@ -108,6 +108,7 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
     overwrite: replace an existing `out_dir`.
     verbose: Keras's fit verbosity for each fold.
     progress: a progress bar over the folds.
+    audit: add the out-of-fold shortcut audit and resize skew (out_of_fold_audit) to the summary and report.
 
   Returns:
     The summary written to cv.json.
@@ -144,8 +145,9 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
         stopped.append(i)
         continue
       held_out = Selection(CV_SPLIT, tuple(fold_patients[i]))
+      # keep="last": the fold's model is the whole schedule, never an epoch picked on its held-out patients
       summary = train(cfg, tmp / f"fold_{i}", verbose=verbose, train_data=dataclasses.replace(held_out, exclude=True),
-                      validation_data=held_out, deadline=deadline)
+                      validation_data=held_out, deadline=deadline, keep="last")
       if summary["stopped"]:
         stopped.append(i)
         continue
@@ -165,9 +167,117 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
                   train_minutes={"mean": float(np.mean(times) / 60), "total": float(np.sum(times) / 60)},
                   wall_minutes=(time.time() - start) / 60, recipe=cfg.recipe, model=cfg.model,
                   image_size=cfg.image_size, seed=cfg.seed)
+    if audit:
+      result["audit"] = out_of_fold_audit(tmp, result["folds"], cfg.data_dir, progress=progress)
     (tmp / "cv.json").write_text(json.dumps(result, indent=2))
     (tmp / "cv.md").write_text(markdown(result))
   return result
+
+
+def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool = True) -> dict:
+  """The shortcut audit and the resize skew of each fold's model on its held-out patients, pooled over the folds.
+
+  What the test split's audit (covidct.audit) asks of one model, asked of the options that cross-validation compares,
+  without reading the test split: each fold's model (`cv_dir/fold_<i>/saved_model`) scores its own held-out images
+  as they are, with the lungs hidden and with the lungs only; a logistic regression on image statistics, fitted on
+  the other folds, scores them too; and each fold's decisions, at its threshold chosen on the other folds, are
+  compared under the other common resizes (export.skew). For a `lung_crop` option every input is cut down to its lung
+  field first, with the field found on the image as it is (so "lungs hidden" leaves the field's silhouette alone). The ROC AUCs are means over the folds (as the
+  cross-validated ROC AUC is); decision agreement is pooled over all held-out images.
+
+  Args:
+    cv_dir: a cross-validation folder (folds.json and the fold_<i>/ training outputs).
+    folds: the per-fold figures of fold_summary, whose "fold" and "threshold" say which folds to audit and where.
+    data_dir: the TFDS data dir the folds were read from.
+    progress: a progress bar over the folds.
+
+  Returns:
+    {"roc_auc": {input: {"mean", "sd"}}, "per_fold": [...], "resize_agreement": {method: share},
+     "images": n, "without_lung_field": n, "fold_model": what each fold's model is}.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  from covidct.audit import (crop_to_lungs, hide_lungs, lung_masks, lungs_only,  # pylint: disable=import-outside-toplevel
+                             statistics_auc)
+  from covidct.data import raw_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
+  from export.skew import METHODS, REFERENCE, resize  # pylint: disable=import-outside-toplevel
+
+  cv_dir = pathlib.Path(cv_dir)
+  lung_crop = bool(json.loads((cv_dir / "config.json").read_text()).get("lung_crop"))
+
+  def prepare(images, masks=None):  # what reaches the model: the image, or its lung field alone (--lung-crop)
+    if not lung_crop:
+      return images
+    return np.stack([crop_to_lungs(im, None if masks is None else m)
+                     for im, m in zip(images, masks if masks is not None else images)])
+
+  fold_files = [set(f["filenames"]) for f in json.loads((cv_dir / "folds.json").read_text())["folds"]]
+  raw = raw_arrays(CV_SPLIT, data_dir)
+  fold_of = np.array([next(i for i, files in enumerate(fold_files) if name in files) for name in raw["filenames"]])
+  per_fold, agree, without = [], {m: 0 for m in METHODS}, 0
+  for f in tqdm(folds, desc="out-of-fold audit", unit="fold", disable=not progress):
+    i = f["fold"]
+    held, rest = np.flatnonzero(fold_of == i), np.flatnonzero(fold_of != i)
+    runner = SavedModelRunner(cv_dir / f"fold_{i}" / "saved_model")
+    images = np.stack([resize(raw["images"][j], runner.image_size, REFERENCE) for j in held])
+    labels = raw["labels"][held]
+    masks = lung_masks(images)
+    without += int(np.sum(~masks.reshape(len(masks), -1).any(axis=1)))
+    p = {name: np.asarray(runner(prepare(x, masks)), np.float64).reshape(-1)
+         for name, x in (("full", images), ("lungs_hidden", hide_lungs(images, masks)),
+                         ("lungs_only", lungs_only(images, masks)))}
+    row = {"fold": i, **{name: ranking_metrics(labels, q)["roc_auc"] for name, q in p.items()}}
+    subset = lambda idx: {k: ([raw[k][j] for j in idx] if k == "images" else raw[k][idx])  # noqa: E731
+                          for k in ("images", "labels", "filenames")}
+    row["image_statistics"] = statistics_auc(subset(rest), subset(held))["roc_auc"]
+    per_fold.append(row)
+    decided = p["full"] >= f["threshold"]
+    for method in METHODS:
+      q = np.asarray(runner(prepare(np.stack([resize(raw["images"][j], runner.image_size, method) for j in held]))))
+      q = q.reshape(-1)
+      agree[method] += int(np.sum((q >= f["threshold"]) == decided))
+  n = int(sum(np.sum(fold_of == f["fold"]) for f in folds))
+
+  def stat(key):
+    values = np.array([r[key] for r in per_fold], np.float64)
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+  return {"roc_auc": {key: stat(key) for key in ("full", "lungs_hidden", "lungs_only", "image_statistics")},
+          "per_fold": per_fold, "resize_agreement": {m: agree[m] / n for m in METHODS}, "images": n,
+          "without_lung_field": without, "lung_crop": lung_crop,
+          "fold_model": _fold_model_kind(cv_dir / f"fold_{folds[0]['fold']}")}
+
+
+def _fold_model_kind(fold_dir: pathlib.Path) -> str:
+  """'last' (the whole schedule) or 'best' (the epoch best on the held-out fold: runs before `cv` kept the last)."""
+  summary = json.loads((fold_dir / "history.json").read_text()).get("summary", {})
+  return summary.get("kept") or "best"
+
+
+def audit_markdown(audit: dict) -> str:
+  """The out-of-fold audit as a report section."""
+  auc = audit["roc_auc"]
+
+  def ms(key):
+    return f"{auc[key]['mean']:.3f} +- {auc[key]['sd']:.3f}"
+
+  rows = [("full image", ms("full"), ""),
+          ("lungs hidden (lung field filled with its mean grey)", ms("lungs_hidden"), "<= 0.60"),
+          ("lungs only (everything else black)", ms("lungs_only"), "within 0.03 of the full image"),
+          ("image statistics alone, no model (fitted on the other folds)", ms("image_statistics"), "-")]
+  model = ("at the end of the whole schedule" if audit["fold_model"] == "last"
+           else "at the epoch best on its held-out fold, as `cv` kept it before it kept the last epoch; so its "
+                "full-image figure is optimistic")
+  lines = ["## Out-of-fold shortcut audit and resize skew", "",
+           f"Each fold's model, {model}, on its held-out patients; ROC AUC as mean +- sd over the folds; "
+           f"{audit['without_lung_field']} of {audit['images']} images had no lung field (scored as they are).", "",
+           table(["input", "ROC AUC", "a model that reads the lungs"], rows, align="lrl"), "",
+           "Decisions at each fold's threshold that stay the same when the image is resized another way than in "
+           "training, pooled over the held-out images:", "",
+           table(["resize", "decision agreement"], [(m, f"{a:.1%}") for m, a in audit["resize_agreement"].items()],
+                 align="lr")]
+  return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:
@@ -193,4 +303,6 @@ def markdown(result: dict) -> str:
             f"train + validation for {result['epochs']} epochs: {result['threshold']:.4f}"
             + (f"; temperature fitted on the out-of-fold probabilities: {result['temperature']:.3f}."
                if "temperature" in result else ".")]
+  if result.get("audit"):
+    lines += ["", audit_markdown(result["audit"])]
   return "\n".join(lines) + "\n"

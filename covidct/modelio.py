@@ -37,6 +37,9 @@ def read_run_config(run_dir) -> dict:
   config = read_json(path, "a covidct training config", "train that run again")
   if not isinstance(config, dict):
     raise CovidctError(f"{path}: not a covidct training config (a JSON {type(config).__name__}); train that run again.")
+  if config.get("lung_crop"):
+    raise CovidctError(f"{run_dir} was trained on lung-cropped images (--lung-crop), which only `covidct cv` applies "
+                       "so far; its model cannot score whole images. Train without --lung-crop.")
   return config
 
 

@@ -358,6 +358,9 @@ def load_runner(path, runtime: str = "default", **kwargs) -> Runner:
   if not path.exists():
     raise CovidctError(f"{path} does not exist; pass a training output folder, a SavedModel, .keras, .tflite or .onnx.")
   if path.is_dir():
+    from covidct.modelio import read_run_config  # pylint: disable=import-outside-toplevel
+
+    read_run_config(path)  # refuses a run whose model expects preprocessing that no runner applies
     if (path / "saved_model" / "saved_model.pb").exists():
       return SavedModelRunner(path / "saved_model")
     return SavedModelRunner(path)

@@ -189,8 +189,10 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
     train_ds = build_inputs(train_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
                             training=True, augment=cfg.augment if augment_on == "pipeline" else None,
                             seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                            drop_remainder=strategy.num_replicas_in_sync > 1, mixup=cfg.mixup)
-    val_ds = build_inputs(validation_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch)
+                            drop_remainder=strategy.num_replicas_in_sync > 1, mixup=cfg.mixup,
+                            lung_crop=cfg.lung_crop)
+    val_ds = build_inputs(validation_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
+                          lung_crop=cfg.lung_crop)
     with strategy.scope():
       fit_model = model
       if augment_on == "model" and cfg.augment is not None:

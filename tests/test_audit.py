@@ -8,7 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from covidct.audit import hide_lungs, image_statistics, lung_mask, lung_masks, lungs_only, statistics_auc
+from covidct.audit import (crop_to_lungs, hide_lungs, image_statistics, lung_mask, lung_masks, lungs_only,
+                           statistics_auc)
 
 BOXES = json.loads((pathlib.Path(__file__).parent / "fixtures" / "lung_boxes.json").read_text())
 
@@ -59,6 +60,57 @@ def test_masking_hides_or_keeps_the_lung_field(boxed_slices):
     np.testing.assert_array_equal(o[m], im[m])
     assert not o[~m].any()
   assert not lung_mask(np.full((64, 64, 1), 120, np.uint8)).any()  # a blank image has no lungs
+
+
+@pytest.mark.slow
+def test_lung_crop_shows_the_lung_field_alone_and_fills_the_frame(boxed_slices):
+  cropped = 0
+  for s, image in boxed_slices:
+    out = crop_to_lungs(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    mask = lung_mask(image)
+    if not mask.any():
+      np.testing.assert_array_equal(out, image)  # nothing to crop to: the slice as it is
+      continue
+    visible = out[..., 0] > 0
+    ys, xs = np.nonzero(visible)
+    # Zoomed to the field's square box: the field spans (nearly) the whole frame along its longer side ...
+    assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 >= 0.9 * image.shape[0], s["file"]
+    # ... and covers at least as much of the frame as it did of the slice; what shows is the field's own grey levels.
+    assert visible.mean() >= mask.mean(), s["file"]
+    assert abs(out[..., 0][visible].mean() - image[..., 0][mask].mean()) < 12, s["file"]
+    np.testing.assert_array_equal(crop_to_lungs(image, mask), out)  # the mask given or found: the same crop
+    cropped += 1
+  assert cropped == 9
+
+
+@pytest.mark.slow
+def test_training_inputs_are_lung_cropped_when_asked(full_data_dir):
+  from covidct.data import build_inputs, load_split
+
+  plain = next(iter(load_split("validation", str(full_data_dir), 96).batch(8)))[0].numpy()
+  cropped = next(iter(build_inputs("validation", data_dir=str(full_data_dir), image_size=96, batch_size=8,
+                                   lung_crop=True)))[0].numpy()
+  np.testing.assert_array_equal(cropped, np.stack([crop_to_lungs(im) for im in plain]).astype(np.float32))
+  assert not np.array_equal(cropped, plain.astype(np.float32))
+
+
+def test_a_lung_cropped_run_is_refused_where_no_runner_crops(model_dir, dummy_data_dir, tmp_path):
+  import shutil
+
+  from click.testing import CliRunner
+
+  from covidct.cli import main
+
+  run = tmp_path / "run"
+  shutil.copytree(model_dir, run)
+  config = json.loads((run / "config.json").read_text())
+  (run / "config.json").write_text(json.dumps({**config, "lung_crop": True}))
+  for args in (["evaluate", str(run), "--data-dir", str(dummy_data_dir)],
+               ["export", str(run), "--out", str(tmp_path / "export"), "--data-dir", str(dummy_data_dir)]):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "--lung-crop" in res.output and "Traceback" not in res.output, res.output
+  assert not (tmp_path / "export").exists() and not (run / "evaluation-test").exists()
 
 
 def test_image_statistics_baseline_finds_a_planted_cue():

@@ -59,7 +59,8 @@ def test_fold_summary_picks_the_epoch_and_thresholds_on_other_folds():
 
 @pytest.fixture(scope="module")
 def cv_run(dummy_data_dir, tmp_path_factory, request):
-  """A 3-fold cv of the small `final` model (48 px, 2 epochs) on dummy data, with every dataset read recorded."""
+  """A 3-fold cv of the small `final` model (48 px, 2 epochs, lung-cropped inputs) on dummy data, with every dataset
+  read recorded."""
   import covidct.data
 
   reads = []
@@ -80,7 +81,7 @@ def cv_run(dummy_data_dir, tmp_path_factory, request):
   mp.setattr(covidct.data, "load_builder", recording)
   out = tmp_path_factory.mktemp("cv") / "cv"
   res = CliRunner().invoke(main, ["cv", "--out", str(out), "--folds", "3", "--epochs", "2", "--image-size", "48",
-                                  "--batch-size", "4", "--data-dir", str(dummy_data_dir), "--quiet"])
+                                  "--batch-size", "4", "--lung-crop", "--data-dir", str(dummy_data_dir), "--quiet"])
   mp.undo()
   assert res.exit_code == 0, res.output
   return out, reads, res.output
@@ -105,10 +106,30 @@ def test_cv_command_writes_folds_and_never_reads_test(cv_run, dummy_data_dir):
     fold_dir = out / f"fold_{f['fold']}"
     summary = json.loads((fold_dir / "history.json").read_text())["summary"]
     assert summary["epochs_run"] == 2  # the full schedule: no early stopping in cv
+    assert summary["kept"] == "last"  # the fold's model is never an epoch picked on its own held-out patients
     assert f"{len(folds['folds'][f['fold']]['patients'])} patients" in summary["validation_data"]
     saved = np.load(fold_dir / "validation_predictions.npz")
     assert saved["probabilities"].shape == (2, f["examples"])
   assert "mean +- sd" in output and "cv.md" in output
+
+
+def test_cv_audits_each_fold_model_on_its_held_out_patients(cv_run):
+  from covidct.metrics import ranking_metrics
+  from export.skew import METHODS
+
+  out, _, output = cv_run
+  result = json.loads((out / "cv.json").read_text())
+  audit = result["audit"]
+  assert audit["images"] == sum(f["examples"] for f in result["folds"]) and audit["fold_model"] == "last"
+  assert audit["lung_crop"] and json.loads((out / "config.json").read_text())["lung_crop"]
+  assert set(audit["resize_agreement"]) == set(METHODS)
+  assert all(0 <= a <= 1 for a in audit["resize_agreement"].values())
+  # The audit re-scores each fold's saved model on the held-out images read afresh and cut to their lung field as
+  # training cut them: its full-image ROC AUC is the one training recorded for that fold's last epoch.
+  for row in audit["per_fold"]:
+    saved = np.load(out / f"fold_{row['fold']}" / "validation_predictions.npz")
+    assert row["full"] == pytest.approx(ranking_metrics(saved["labels"], saved["probabilities"][-1])["roc_auc"], abs=1e-6)
+  assert "Out-of-fold shortcut audit" in output and "lungs hidden" in (out / "cv.md").read_text()
 
 
 def test_compare_reads_a_cv_output(cv_run):
@@ -118,6 +139,8 @@ def test_compare_reads_a_cv_output(cv_run):
   result = json.loads((out / "cv.json").read_text())
   assert f"{result['roc_auc']['mean']:.3f} +- {result['roc_auc']['sd']:.3f}" in res.output
   assert "CV ROC AUC" in res.output
+  assert "CV ROC AUC, lungs hidden" in res.output
+  assert f"{result['audit']['roc_auc']['lungs_only']['mean']:.3f}" in res.output
 
 
 def test_cv_stops_at_max_minutes_and_refuses_bad_input(dummy_data_dir, tmp_path):
