@@ -63,6 +63,8 @@ class Manifest:  # pylint: disable=too-many-instance-attributes
   parity_passed: bool = False
   parity_verified_on: str = ""
   resize_skew: list = dataclasses.field(default_factory=list)
+  # The SavedModel's shortcut audit on the test split (covidct.audit.audit): what the model card tells users.
+  shortcut_audit: dict | None = None
   libraries: dict = dataclasses.field(default_factory=dict)
   training_config: dict | None = None
   # `covidct bench`'s choice on the machine it ran on: the fastest artifact x runtime that passes parity.

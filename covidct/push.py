@@ -109,6 +109,7 @@ def model_card(manifest: Manifest, version: int) -> str:
                [(k, v["file"], f"{v['bytes']:,}", f"{manifest.metrics[k]['test']['roc_auc']:.4f}",
                  f"{v['parity']['max_abs_diff']:.1e}", f"{v['parity']['agreement']:.1%}")
                 for k, v in manifest.artifacts.items()], align="llrrrr")
+  audit = _audit_lines(manifest.shortcut_audit)
   qat = ("\nThe SavedModel is quantization-aware (`covidct qat`): it computes in 8-bit steps itself, and every copy is "
          "compared with it by the quantized rules (ROC AUC within 0.01, decisions agreeing on >= 98% of test scans).\n"
          if manifest.quantization_aware else "")
@@ -142,10 +143,31 @@ Confidence intervals: bootstrap over patients.
   (`covidct evaluate` reports this shortcut audit). The test split therefore does **not** establish performance on
   scanner images from a new site: on a held-out set of real scanner slices, models from this recipe scored near or
   below chance. Before any use, score the model on your own labelled scans: `covidct evaluate MODEL --folder DIR`.
-- Inputs that do not look like the training slices are flagged by the input guard (`covidct predict` warns;
+{audit}- Inputs that do not look like the training slices are flagged by the input guard (`covidct predict` warns;
   `--strict` refuses); a slice that passes the guard can still be outside what the model knows.
 - Labels are per slice, not per patient or per study; a non-COVID label does not exclude other disease.
 """
+
+
+AUDIT_HIDDEN_MAX = 0.60  # what a model that reads the lungs shows (issue 17): lungs hidden at most this ROC AUC,
+AUDIT_ONLY_WITHIN = 0.03  # and lungs only within this of the full image's
+
+
+def _audit_lines(audit: dict | None) -> str:
+  """This model's own shortcut audit, for the model card's known limits (empty for an export made without one)."""
+  if not audit:
+    return ""
+  auc = audit["roc_auc"]
+  stats = audit.get("image_statistics") or {}
+  reads = auc["lungs_hidden"] <= AUDIT_HIDDEN_MAX and abs(auc["full"] - auc["lungs_only"]) <= AUDIT_ONLY_WITHIN
+  verdict = ("It behaves as a model that reads the lungs would." if reads else
+             f"It does **not** behave as a model that reads the lungs (that would score <= {AUDIT_HIDDEN_MAX:.2f} with "
+             f"the lungs hidden and within {AUDIT_ONLY_WITHIN:.2f} of the full image on the lungs alone): its score "
+             "comes mostly from outside the lung field and from how the image was made.")
+  statistics = (f"; image statistics alone, no model: {stats['roc_auc']:.3f}" if stats.get("roc_auc") is not None
+                else "")
+  return (f"- **This model's shortcut audit** (test split, ROC AUC): full image {auc['full']:.3f}; lungs hidden "
+          f"{auc['lungs_hidden']:.3f}; lungs only {auc['lungs_only']:.3f}{statistics}. {verdict}\n")
 
 
 def stage_version(export_dir, dst) -> None:

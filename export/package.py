@@ -89,8 +89,8 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   reps = arrays["train"]["images"][:n_calibration]  # calibration from train, never test
   ref_val = evaluate(reference, size, split="validation", target_sensitivity=target_sensitivity, n_boot=n_boot,
                      arrays=arrays)
-  ref_test = evaluate(reference, size, split="test", target_sensitivity=target_sensitivity, n_boot=n_boot,
-                      arrays=arrays, threshold=threshold)
+  ref_test = evaluate(reference, size, data_dir=data_dir, split="test", target_sensitivity=target_sensitivity,
+                      n_boot=n_boot, arrays=arrays, threshold=threshold, shortcut_audit=True)
   threshold, chosen_on = ref_test["threshold"]["value"], ref_test["threshold"]["chosen_on"]
   ref_probs = np.array([r["probability"] for r in ref_test["predictions"]])
 
@@ -165,6 +165,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
         "parity_passed": report["passed"],
         "parity_verified_on": verified_on,
         "resize_skew": skew,
+        "shortcut_audit": ref_test["shortcut_audit"],
         "files": files,
         "libraries": library_versions(),
     }

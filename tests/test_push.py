@@ -36,6 +36,9 @@ def test_push_versions_refusal_and_list(exported, dummy_data_dir, tmp_path):
     assert (serving / v / "assets.extra" / "manifest.json").exists()
   card = (serving / "1" / "MODEL_CARD.md").read_text()
   assert "not a diagnostic device" in card and "95% CI" in card and "slice" in card
+  # The card gives this model's own shortcut audit, measured by the export on the test split.
+  audit = json.loads((exported / "manifest.json").read_text())["shortcut_audit"]["roc_auc"]
+  assert f"lungs hidden {audit['lungs_hidden']:.3f}; lungs only {audit['lungs_only']:.3f}" in card
   assert json.loads((serving / "2" / "blessing.json").read_text())["forced"] is True
   listed = runner.invoke(main, ["push", "--serving", str(serving), "--list"])
   assert listed.exit_code == 0 and "blessed" in listed.output and "FORCED" in listed.output
