@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from covidct.config import LUNG_CROPS
 from covidct.errors import CovidctError
 
 MIN_LUNG_SHARE = 0.02  # of the body's area: smaller dark regions are airways, bowel gas or noise
@@ -66,11 +67,13 @@ def lung_masks(images: np.ndarray) -> np.ndarray:
   return np.stack([lung_mask(im) for im in images]) if len(images) else np.zeros((0,) + images.shape[1:3], bool)
 
 
-def crop_to_lungs(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-  """De-confounding preprocessing (`--lung-crop`): one (S, S, 1) uint8 slice as its lung field alone, everything
-  outside the field black, cropped to the field's square box (plus a margin) and resized back to (S, S, 1) (bilinear,
-  antialiased), so that neither the border, the annotations nor where the lungs sit in the figure reaches the model.
-  `mask` is the lung field (lung_mask of the image when None); a slice without one comes back as it is."""
+def crop_to_lungs(image: np.ndarray, mask: np.ndarray | None = None, keep: str = "field") -> np.ndarray:
+  """De-confounding preprocessing (`--lung-crop`): one (S, S, 1) uint8 slice cropped to its lung field's square box
+  (plus a margin) and resized back to (S, S, 1) (bilinear, antialiased), so that neither the border, the annotations
+  nor where the lungs sit in the figure reaches the model. keep="field" also blacks out everything outside the field
+  (the lungs alone); keep="box" keeps all that is inside the box (mediastinum, chest wall, lesions at the pleura that
+  the dark-region field leaves out). `mask` is the lung field (lung_mask of the image when None); a slice without one
+  comes back as it is."""
   from skimage.transform import resize  # pylint: disable=import-outside-toplevel
 
   x = np.asarray(image)
@@ -82,7 +85,10 @@ def crop_to_lungs(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarr
   side = min(size, max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 + 2 * int(round(LUNG_CROP_MARGIN * size)))
   top = int(np.clip((rows[0] + rows[-1] + 1 - side) // 2, 0, size - side))
   left = int(np.clip((cols[0] + cols[-1] + 1 - side) // 2, 0, size - side))
-  crop = np.where(m[..., None], x, 0)[top:top + side, left:left + side].astype(np.float32)
+  if keep not in LUNG_CROPS:
+    raise CovidctError(f"keep must be one of {', '.join(LUNG_CROPS)}, got {keep!r}.")
+  kept = np.where(m[..., None], x, 0) if keep == "field" else x
+  crop = kept[top:top + side, left:left + side].astype(np.float32)
   out = resize(crop, (size, size, 1), order=1, anti_aliasing=side > size, preserve_range=True)
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 

@@ -46,6 +46,10 @@ class AugmentConfig:
       raise CovidctError(f"jpeg_quality must be 0 (off) or a JPEG quality from 1 to 99, got {self.jpeg_quality!r}.")
 
 
+# How `lung_crop` cuts an image down (covidct.audit.crop_to_lungs): the lung field alone, or everything in its box.
+LUNG_CROPS = ("field", "box")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run depends on; written next to the model as config.json."""
@@ -85,9 +89,10 @@ class TrainConfig:
   # training=True overrides the training=False the backbone is called with (keras-team/keras#20285).
   freeze_batch_norm: bool = False
   # De-confounding preprocessing outside the model (covidct.audit.crop_to_lungs): every image cut down to its lung
-  # field before it reaches the model. Only `covidct cv` runs it so far (its audit applies it); a model trained
-  # with it cannot score uncropped images, so evaluate, export and predict refuse its runs.
-  lung_crop: bool = False
+  # field ('field': the field alone, the rest black) or to the field's box ('box': all that is inside it) before it
+  # reaches the model; '' for none. Only `covidct cv` runs it so far (its audit applies it); a model trained with
+  # it cannot score uncropped images, so evaluate, export and predict refuse its runs.
+  lung_crop: str = ""
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -114,6 +119,8 @@ class TrainConfig:
       raise CovidctError(f"blur must be a Gaussian sigma from 0 (off) to 8 pixels, got {self.blur!r}.")
     if not 0 <= self.mixup <= 10:
       raise CovidctError(f"mixup must be a Beta alpha from 0 (off) to 10, got {self.mixup!r}.")
+    if self.lung_crop not in ("",) + LUNG_CROPS:
+      raise CovidctError(f"lung_crop must be one of {', '.join(LUNG_CROPS)} (or empty for none), got {self.lung_crop!r}.")
     if self.monitor not in ("val_auc", "val_loss"):
       raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
 

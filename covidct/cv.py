@@ -204,12 +204,13 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
   from export.skew import METHODS, REFERENCE, resize  # pylint: disable=import-outside-toplevel
 
   cv_dir = pathlib.Path(cv_dir)
-  lung_crop = bool(json.loads((cv_dir / "config.json").read_text()).get("lung_crop"))
+  lung_crop = json.loads((cv_dir / "config.json").read_text()).get("lung_crop") or ""
+  lung_crop = "field" if lung_crop is True else lung_crop  # a cv of session 12 before 'box' existed
 
   def prepare(images, masks=None):  # what reaches the model: the image, or its lung field alone (--lung-crop)
     if not lung_crop:
       return images
-    return np.stack([crop_to_lungs(im, None if masks is None else m)
+    return np.stack([crop_to_lungs(im, None if masks is None else m, keep=lung_crop)
                      for im, m in zip(images, masks if masks is not None else images)])
 
   fold_files = [set(f["filenames"]) for f in json.loads((cv_dir / "folds.json").read_text())["folds"]]

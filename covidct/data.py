@@ -225,14 +225,14 @@ def load_split(split: "str | Selection", data_dir: str | None, image_size: int,
 def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
                  training: bool = False, augment: AugmentConfig | None = None, seed: int = 0,
                  shuffle_buffer: int = 1024, cache: bool = True, drop_remainder: bool = False,
-                 mixup: float = 0.0, lung_crop: bool = False) -> tf.data.Dataset:
+                 mixup: float = 0.0, lung_crop: str = "") -> tf.data.Dataset:
   """Batches of (float32 images in [0, 255], float32 labels) for Keras.
 
   Decode and resize run in parallel and are cached; training shuffles (seeded) and, with `augment`, applies the
   augmentation to whole batches. Evaluation splits are never augmented nor shuffled. `drop_remainder` keeps every
   batch full (what a multi-replica strategy needs for training). `mixup` > 0 mixes each training batch after its
-  augmentation (`mixup_batch`, alpha = `mixup`): its labels become soft. `lung_crop` cuts every image (training and
-  evaluation) down to its lung field first (covidct.audit.crop_to_lungs), before the cache.
+  augmentation (`mixup_batch`, alpha = `mixup`): its labels become soft. `lung_crop` ('field' or 'box') cuts every
+  image (training and evaluation) down to its lung field first (covidct.audit.crop_to_lungs), before the cache.
   """
   variants = bool(training and augment is not None and augment.resize_methods)
   if variants and lung_crop:
@@ -243,7 +243,8 @@ def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image
   if lung_crop:
     from covidct.audit import crop_to_lungs  # pylint: disable=import-outside-toplevel
 
-    ds = ds.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(crop_to_lungs, [x], tf.uint8, stateful=False),
+    crop = lambda image: crop_to_lungs(image, keep=lung_crop)  # noqa: E731
+    ds = ds.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(crop, [x], tf.uint8, stateful=False),
                                               (image_size, image_size, 1)), y), num_parallel_calls=AUTOTUNE)
   if cache:
     ds = ds.cache()

@@ -80,6 +80,10 @@ def test_lung_crop_shows_the_lung_field_alone_and_fills_the_frame(boxed_slices):
     assert visible.mean() >= mask.mean(), s["file"]
     assert abs(out[..., 0][visible].mean() - image[..., 0][mask].mean()) < 12, s["file"]
     np.testing.assert_array_equal(crop_to_lungs(image, mask), out)  # the mask given or found: the same crop
+    # keep="box": the same box with nothing blacked out; the field crop is the box crop of the lungs-only image.
+    box = crop_to_lungs(image, mask, keep="box")
+    assert (box > 0).sum() > visible.sum(), s["file"]
+    np.testing.assert_array_equal(crop_to_lungs(lungs_only(image[None], mask[None])[0], mask, keep="box"), out)
     cropped += 1
   assert cropped == 9
 
@@ -89,10 +93,11 @@ def test_training_inputs_are_lung_cropped_when_asked(full_data_dir):
   from covidct.data import build_inputs, load_split
 
   plain = next(iter(load_split("validation", str(full_data_dir), 96).batch(8)))[0].numpy()
-  cropped = next(iter(build_inputs("validation", data_dir=str(full_data_dir), image_size=96, batch_size=8,
-                                   lung_crop=True)))[0].numpy()
-  np.testing.assert_array_equal(cropped, np.stack([crop_to_lungs(im) for im in plain]).astype(np.float32))
-  assert not np.array_equal(cropped, plain.astype(np.float32))
+  for keep in ("field", "box"):
+    cropped = next(iter(build_inputs("validation", data_dir=str(full_data_dir), image_size=96, batch_size=8,
+                                     lung_crop=keep)))[0].numpy()
+    np.testing.assert_array_equal(cropped, np.stack([crop_to_lungs(im, keep=keep) for im in plain]).astype(np.float32))
+    assert not np.array_equal(cropped, plain.astype(np.float32))
 
 
 def test_a_lung_cropped_run_is_refused_where_no_runner_crops(model_dir, dummy_data_dir, tmp_path):
@@ -105,7 +110,7 @@ def test_a_lung_cropped_run_is_refused_where_no_runner_crops(model_dir, dummy_da
   run = tmp_path / "run"
   shutil.copytree(model_dir, run)
   config = json.loads((run / "config.json").read_text())
-  (run / "config.json").write_text(json.dumps({**config, "lung_crop": True}))
+  (run / "config.json").write_text(json.dumps({**config, "lung_crop": "field"}))
   for args in (["evaluate", str(run), "--data-dir", str(dummy_data_dir)],
                ["export", str(run), "--out", str(tmp_path / "export"), "--data-dir", str(dummy_data_dir)]):
     res = CliRunner().invoke(main, args)

@@ -187,3 +187,38 @@ def test_tensorrt_needs_its_library():
   trt = gpu_status()["onnxruntime_tensorrt"]
   if not _loadable("libnvinfer.so.10"):  # onnxruntime-gpu may list the provider; without TensorRT it cannot run
     assert trt["available"] is False and trt["reason"]
+
+
+def test_bench_compare_interleaves_exports_and_ranks_their_fastest_rows(exported, dummy_data_dir, tmp_path):
+  out = tmp_path / "cmp"
+  res = CliRunner().invoke(main, ["bench-compare", str(exported), str(exported), "--out", str(out), "--rounds", "2",
+                                  "--runtimes", "litert,ort", "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 0, res.output
+  result = json.loads((out / "compare.json").read_text())
+  names = ["artifacts", "artifacts (2)"]
+  assert [e["export"] for e in result["exports"]] == names
+  assert {r["export"] for r in result["rows"]} == set(names)
+  assert {r["runtime"] for r in result["rows"]} == {"litert", "ort"}
+  for r in result["rows"]:
+    assert len(r["rounds_ms"]) == 2 and r["median_ms"] == pytest.approx(float(np.median(r["rounds_ms"])))
+  base, other = result["exports"]
+  assert base["speedup"]["median"] == 1.0  # the baseline against itself, round by round
+  # The second export's speed is the median of per-round ratios of the two exports' fastest rows.
+  ratios = np.array(base["best_per_round_ms"]) / np.array(other["best_per_round_ms"])
+  assert other["speedup"]["median"] == pytest.approx(float(np.median(ratios)))
+  for e in result["exports"]:
+    fastest = [r for r in result["rows"] if r["export"] == e["export"]
+               and (r["artifact"], r["runtime"]) == (e["fastest"]["artifact"], e["fastest"]["runtime"])]
+    assert fastest and fastest[0]["parity"]["passed"]
+    assert e["best_per_round_ms"] == [min(r["rounds_ms"][i] for r in result["rows"] if r["export"] == e["export"])
+                                      for i in range(2)]
+  assert "speed against the first" in (out / "compare.md").read_text() and "Report:" in res.output
+
+
+def test_bench_compare_refuses_what_it_cannot_compare(exported, tmp_path):
+  runner = CliRunner()
+  res = runner.invoke(main, ["bench-compare", str(exported), "--out", str(tmp_path / "a")])
+  assert res.exit_code == 1 and "at least two export folders" in res.output and "Traceback" not in res.output
+  res = runner.invoke(main, ["bench-compare", str(exported), str(tmp_path), "--out", str(tmp_path / "b")])
+  assert res.exit_code == 1 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -59,7 +59,7 @@ def test_fold_summary_picks_the_epoch_and_thresholds_on_other_folds():
 
 @pytest.fixture(scope="module")
 def cv_run(dummy_data_dir, tmp_path_factory, request):
-  """A 3-fold cv of the small `final` model (48 px, 2 epochs, lung-cropped inputs) on dummy data, with every dataset
+  """A 3-fold cv of the small `final` model (48 px, 2 epochs, inputs cropped to the lungs' box) on dummy data, with every dataset
   read recorded."""
   import covidct.data
 
@@ -81,7 +81,7 @@ def cv_run(dummy_data_dir, tmp_path_factory, request):
   mp.setattr(covidct.data, "load_builder", recording)
   out = tmp_path_factory.mktemp("cv") / "cv"
   res = CliRunner().invoke(main, ["cv", "--out", str(out), "--folds", "3", "--epochs", "2", "--image-size", "48",
-                                  "--batch-size", "4", "--lung-crop", "--data-dir", str(dummy_data_dir), "--quiet"])
+                                  "--batch-size", "4", "--lung-crop", "box", "--data-dir", str(dummy_data_dir), "--quiet"])
   mp.undo()
   assert res.exit_code == 0, res.output
   return out, reads, res.output
@@ -121,7 +121,7 @@ def test_cv_audits_each_fold_model_on_its_held_out_patients(cv_run):
   result = json.loads((out / "cv.json").read_text())
   audit = result["audit"]
   assert audit["images"] == sum(f["examples"] for f in result["folds"]) and audit["fold_model"] == "last"
-  assert audit["lung_crop"] and json.loads((out / "config.json").read_text())["lung_crop"]
+  assert audit["lung_crop"] == "box" == json.loads((out / "config.json").read_text())["lung_crop"]
   assert set(audit["resize_agreement"]) == set(METHODS)
   assert all(0 <= a <= 1 for a in audit["resize_agreement"].values())
   # The audit re-scores each fold's saved model on the held-out images read afresh and cut to their lung field as
@@ -159,6 +159,13 @@ def test_cv_stops_at_max_minutes_and_refuses_bad_input(dummy_data_dir, tmp_path)
   assert res.exit_code == 1 and "exists" in res.output
   res = runner.invoke(main, ["cv", "--out", str(out), "--model", "nope", "--data-dir", str(dummy_data_dir)])
   assert res.exit_code == 1 and "unknown model 'nope'" in res.output
+  res = runner.invoke(main, ["cv", "--out", str(out), "--lung-crop", "lungs", "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 2 and "'lungs' is not one of" in res.output
+  from covidct.config import resolve
+  from covidct.errors import CovidctError
+
+  with pytest.raises(CovidctError, match="lung_crop must be one of field, box"):
+    resolve("finetune", lung_crop="lungs")
 
 
 def test_the_model_of_record_is_the_schedule_its_cross_validation_chose():

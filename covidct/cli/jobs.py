@@ -49,6 +49,30 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
   click.echo(f"Report: {out}/bench.md")
 
 
+@click.command("bench-compare")
+@click.argument("exports", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder (must not exist).")
+@click.option("--rounds", default=15, show_default=True, type=int, callback=positive,
+              help="Each artifact x runtime runs once per round, all rows in turn.")
+@click.option("--batch-size", default=1, show_default=True, type=int, callback=positive)
+@click.option("--threads", default=1, show_default=True, type=int, callback=positive)
+@click.option("--runtimes", default=None, metavar="LIST",
+              help="Only these runtimes, comma-separated (default: all but the Keras rows).")
+@DATA_DIR
+@click.option("--overwrite", is_flag=True)
+@friendly
+def bench_compare_cmd(exports, out_dir, rounds, batch_size, threads, runtimes, data_dir, overwrite):
+  """Benchmark several EXPORTS (e.g. a float model's and its quantization-aware twin's) in one interleaved run:
+  whether the others are faster than the first, on this machine, in spite of its drift."""
+  from benchmarks.interleaved import compare_exports, markdown  # pylint: disable=import-outside-toplevel
+
+  result = compare_exports(exports, out_dir, rounds=rounds, batch=batch_size, threads=threads, data_dir=data_dir,
+                           runtimes=[r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None,
+                           overwrite=overwrite)
+  click.echo(markdown(result))
+  click.echo(f"Report: {out_dir}/compare.md")
+
+
 @click.command("pipeline")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @click.option("--manual-dir", type=click.Path(file_okay=False), default=None,

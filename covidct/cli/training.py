@@ -38,9 +38,10 @@ def train_cmd(out_dir, overwrite, quiet, **options):
               help=f"Each fold's threshold is chosen on the other folds for this sensitivity (default {TARGET_SENSITIVITY}).")
 @click.option("--max-minutes", type=float, default=None, callback=positive,
               help="Stop at the end of the first epoch past this time; unfinished folds are left out.")
-@click.option("--lung-crop", is_flag=True, default=None,
+@click.option("--lung-crop", type=click.Choice(["field", "box"]), default=None,
               help="De-confounding: cut every image down to its lung field (classical segmentation) before the model, "
-                   "in training and in the out-of-fold audit. cv only: no exported copy applies it yet.")
+                   "in training and in the out-of-fold audit: 'field', the lungs alone; 'box', all that is in their "
+                   "box. cv only: no exported copy applies it yet.")
 @training_options
 @OVERWRITE
 @QUIET
