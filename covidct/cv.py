@@ -181,7 +181,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
   without reading the test split: each fold's model (`cv_dir/fold_<i>/saved_model`) scores its own held-out images
   as they are, with the lungs hidden and with the lungs only; a logistic regression on image statistics, fitted on
   the other folds, scores them too; and each fold's decisions, at its threshold chosen on the other folds, are
-  compared under the other common resizes (export.skew). For a `lung_crop` option every input is cut down to its lung
+  compared under the other common resizes (covidct.data.consumer_resize). For a `lung_crop` option every input is cut down to its lung
   field first, with the field found on the image as it is (so "lungs hidden" leaves the field's silhouette alone). The ROC AUCs are means over the folds (as the
   cross-validated ROC AUC is); decision agreement is pooled over all held-out images.
 
@@ -201,7 +201,9 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
                              statistics_auc)
   from covidct.data import raw_arrays  # pylint: disable=import-outside-toplevel
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
-  from export.skew import METHODS, REFERENCE, resize  # pylint: disable=import-outside-toplevel
+  from covidct.data import CONSUMER_RESIZES as METHODS  # pylint: disable=import-outside-toplevel
+  from covidct.data import TRAINING_RESIZE as REFERENCE  # pylint: disable=import-outside-toplevel
+  from covidct.data import consumer_resize as resize  # pylint: disable=import-outside-toplevel
 
   cv_dir = pathlib.Path(cv_dir)
   lung_crop = json.loads((cv_dir / "config.json").read_text()).get("lung_crop") or ""

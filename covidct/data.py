@@ -26,8 +26,28 @@ def resize_image(image, size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
-# How consumers resize (see export/skew.py): training with `AugmentConfig.resize_methods` draws one of these per
-# image and epoch, so the model's decisions do not hang on the resize filter. The first is `resize_image`'s.
+# How consumers resize, by name: the skew table of every export (export/skew.py) and `covidct cv`'s out-of-fold skew
+# compare the model's decisions on each with those on the training resize.
+TRAINING_RESIZE = "tf_bilinear_antialias"
+CONSUMER_RESIZES = ("tf_bilinear", "tf_area", "pil_bilinear", "pil_bicubic", "pil_nearest")
+
+
+def consumer_resize(image: np.ndarray, size: int, method: str) -> np.ndarray:
+  """One (H, W, 1) uint8 image to (size, size, 1) uint8 by `method` (TRAINING_RESIZE or one of CONSUMER_RESIZES)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  if method == TRAINING_RESIZE:
+    return resize_image(image, size).numpy()
+  if method.startswith("tf_"):
+    kind = {"tf_bilinear": "bilinear", "tf_area": "area"}[method]
+    out = tf.image.resize(tf.convert_to_tensor(image), (size, size), method=kind, antialias=False)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8).numpy()
+  resample = {"pil_bilinear": Image.BILINEAR, "pil_bicubic": Image.BICUBIC, "pil_nearest": Image.NEAREST}[method]
+  return np.asarray(Image.fromarray(image[..., 0]).resize((size, size), resample), np.uint8)[..., None]
+
+
+# Training with `AugmentConfig.resize_methods` draws one of these per image and epoch, so the model's decisions do not
+# hang on the resize filter. The first is `resize_image`'s.
 RESIZE_VARIANTS = (("bilinear", True), ("bilinear", False), ("area", False), ("bicubic", True), ("nearest", False))
 
 

@@ -10,25 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-REFERENCE = "tf_bilinear_antialias"
-METHODS = ("tf_bilinear", "tf_area", "pil_bilinear", "pil_bicubic", "pil_nearest")
-
-
-def resize(image: np.ndarray, size: int, method: str) -> np.ndarray:
-  """One (H, W, 1) uint8 image to (size, size, 1) uint8 by `method` (REFERENCE or one of METHODS)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
-  if method == REFERENCE:
-    from covidct.data import resize_image  # pylint: disable=import-outside-toplevel
-
-    return resize_image(image, size).numpy()
-  if method.startswith("tf_"):
-    kind = {"tf_bilinear": "bilinear", "tf_area": "area"}[method]
-    out = tf.image.resize(tf.convert_to_tensor(image), (size, size), method=kind, antialias=False)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8).numpy()
-  resample = {"pil_bilinear": Image.BILINEAR, "pil_bicubic": Image.BICUBIC, "pil_nearest": Image.NEAREST}[method]
-  return np.asarray(Image.fromarray(image[..., 0]).resize((size, size), resample), np.uint8)[..., None]
+from covidct.data import CONSUMER_RESIZES as METHODS  # the skew table's rows
+from covidct.data import consumer_resize as resize
 
 
 def skew_table(runner, raw_images: list, reference_probs: np.ndarray, threshold: float) -> list[dict]:

@@ -115,7 +115,7 @@ def test_cv_command_writes_folds_and_never_reads_test(cv_run, dummy_data_dir):
 
 def test_cv_audits_each_fold_model_on_its_held_out_patients(cv_run):
   from covidct.metrics import ranking_metrics
-  from export.skew import METHODS
+  from covidct.data import CONSUMER_RESIZES as METHODS
 
   out, _, output = cv_run
   result = json.loads((out / "cv.json").read_text())
