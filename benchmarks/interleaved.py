@@ -139,7 +139,8 @@ def markdown(result: dict) -> str:
            f"Fastest parity-passing row of each export, and its speed against {result['exports'][0]['export']}'s "
            "(the median over rounds of the per-round ratio of their fastest rows; range over rounds):", "",
            table(["export", "fastest row", "median ms", "speed against the first"],
-                 [(e["export"], f"{e['fastest']['artifact']} / {e['fastest']['runtime']}" if e["fastest"] else "none passes",
+                 [(e["export"],
+                   f"{e['fastest']['artifact']} / {e['fastest']['runtime']}" if e["fastest"] else "none passes",
                    f"{e['fastest']['median_ms']:.2f}" if e["fastest"] else "-",
                    f"{e['speedup']['median']:.2f}x ({e['speedup']['min']:.2f}-{e['speedup']['max']:.2f})"
                    if e["speedup"] else "-") for e in result["exports"]], align="llrr")]

@@ -177,13 +177,14 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
 def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool = True) -> dict:
   """The shortcut audit and the resize skew of each fold's model on its held-out patients, pooled over the folds.
 
-  What the test split's audit (covidct.audit) asks of one model, asked of the options that cross-validation compares,
-  without reading the test split: each fold's model (`cv_dir/fold_<i>/saved_model`) scores its own held-out images
-  as they are, with the lungs hidden and with the lungs only; a logistic regression on image statistics, fitted on
-  the other folds, scores them too; and each fold's decisions, at its threshold chosen on the other folds, are
-  compared under the other common resizes (covidct.data.consumer_resize). For a `lung_crop` option every input is cut down to its lung
-  field first, with the field found on the image as it is (so "lungs hidden" leaves the field's silhouette alone). The ROC AUCs are means over the folds (as the
-  cross-validated ROC AUC is); decision agreement is pooled over all held-out images.
+  What the test split's audit (covidct.audit) asks of one model, asked of the options that cross-validation
+  compares, without reading the test split: each fold's model (`cv_dir/fold_<i>/saved_model`) scores its own held-out
+  images as they are, with the lungs hidden and with the lungs only; a logistic regression on image statistics,
+  fitted on the other folds, scores them too; and each fold's decisions, at its threshold chosen on the other folds,
+  are compared under the other common resizes (covidct.data.consumer_resize). For a `lung_crop` option every input is
+  cut down as in training, with the lung field found on the image as it is (so "lungs hidden" leaves the field's
+  silhouette alone). The ROC AUCs are means over the folds (as the cross-validated ROC AUC is); decision agreement is
+  pooled over all held-out images.
 
   Args:
     cv_dir: a cross-validation folder (folds.json and the fold_<i>/ training outputs).
@@ -197,33 +198,30 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from covidct.audit import (crop_to_lungs, hide_lungs, lung_masks, lungs_only,  # pylint: disable=import-outside-toplevel
-                             statistics_auc)
-  from covidct.data import raw_arrays  # pylint: disable=import-outside-toplevel
-  from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
-  from covidct.data import CONSUMER_RESIZES as METHODS  # pylint: disable=import-outside-toplevel
-  from covidct.data import TRAINING_RESIZE as REFERENCE  # pylint: disable=import-outside-toplevel
-  from covidct.data import consumer_resize as resize  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from covidct.audit import crop_to_lungs, hide_lungs, lung_masks, lungs_only, statistics_auc
+  from covidct.data import CONSUMER_RESIZES, TRAINING_RESIZE, consumer_resize, raw_arrays
+  from covidct.runners import SavedModelRunner
 
   cv_dir = pathlib.Path(cv_dir)
   lung_crop = json.loads((cv_dir / "config.json").read_text()).get("lung_crop") or ""
   lung_crop = "field" if lung_crop is True else lung_crop  # a cv of session 12 before 'box' existed
 
-  def prepare(images, masks=None):  # what reaches the model: the image, or its lung field alone (--lung-crop)
+  def prepare(images, masks=None):  # what reaches the model: the image, or what --lung-crop leaves of it
     if not lung_crop:
       return images
-    return np.stack([crop_to_lungs(im, None if masks is None else m, keep=lung_crop)
-                     for im, m in zip(images, masks if masks is not None else images)])
+    masks = lung_masks(images) if masks is None else masks
+    return np.stack([crop_to_lungs(im, m, keep=lung_crop) for im, m in zip(images, masks)])
 
   fold_files = [set(f["filenames"]) for f in json.loads((cv_dir / "folds.json").read_text())["folds"]]
   raw = raw_arrays(CV_SPLIT, data_dir)
   fold_of = np.array([next(i for i, files in enumerate(fold_files) if name in files) for name in raw["filenames"]])
-  per_fold, agree, without = [], {m: 0 for m in METHODS}, 0
+  per_fold, agree, without = [], {m: 0 for m in CONSUMER_RESIZES}, 0
   for f in tqdm(folds, desc="out-of-fold audit", unit="fold", disable=not progress):
     i = f["fold"]
     held, rest = np.flatnonzero(fold_of == i), np.flatnonzero(fold_of != i)
     runner = SavedModelRunner(cv_dir / f"fold_{i}" / "saved_model")
-    images = np.stack([resize(raw["images"][j], runner.image_size, REFERENCE) for j in held])
+    images = np.stack([consumer_resize(raw["images"][j], runner.image_size, TRAINING_RESIZE) for j in held])
     labels = raw["labels"][held]
     masks = lung_masks(images)
     without += int(np.sum(~masks.reshape(len(masks), -1).any(axis=1)))
@@ -236,9 +234,9 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
     row["image_statistics"] = statistics_auc(subset(rest), subset(held))["roc_auc"]
     per_fold.append(row)
     decided = p["full"] >= f["threshold"]
-    for method in METHODS:
-      q = np.asarray(runner(prepare(np.stack([resize(raw["images"][j], runner.image_size, method) for j in held]))))
-      q = q.reshape(-1)
+    for method in CONSUMER_RESIZES:
+      resized = np.stack([consumer_resize(raw["images"][j], runner.image_size, method) for j in held])
+      q = np.asarray(runner(prepare(resized))).reshape(-1)
       agree[method] += int(np.sum((q >= f["threshold"]) == decided))
   n = int(sum(np.sum(fold_of == f["fold"]) for f in folds))
 
@@ -247,7 +245,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
     return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
   return {"roc_auc": {key: stat(key) for key in ("full", "lungs_hidden", "lungs_only", "image_statistics")},
-          "per_fold": per_fold, "resize_agreement": {m: agree[m] / n for m in METHODS}, "images": n,
+          "per_fold": per_fold, "resize_agreement": {m: agree[m] / n for m in CONSUMER_RESIZES}, "images": n,
           "without_lung_field": without, "lung_crop": lung_crop,
           "fold_model": _fold_model_kind(cv_dir / f"fold_{folds[0]['fold']}")}
 
