@@ -145,6 +145,21 @@ def statistics_auc(train: dict, split: dict) -> dict:
           "coefficients": {name: float(c) for name, c in zip(STATISTICS, coef)}}
 
 
+AUDIT_INPUTS = ("full", "lungs_hidden", "lungs_only")
+
+
+def masked_scores(predict, images: np.ndarray, labels: np.ndarray, masks: np.ndarray, prepare=None):
+  """ROC AUC of `predict` on the images as they are, with the lungs hidden and with the lungs only ({input: auc}),
+  and its probabilities on the images as they are. `prepare(images, masks)`, when given, is the preprocessing a
+  model applies before it sees an image (`--lung-crop`), with the lung field found on the image as it is."""
+  from covidct.metrics import ranking_metrics  # pylint: disable=import-outside-toplevel
+
+  inputs = {"full": images, "lungs_hidden": hide_lungs(images, masks), "lungs_only": lungs_only(images, masks)}
+  p = {name: np.asarray(predict(prepare(x, masks) if prepare else x), np.float64).reshape(-1)
+       for name, x in inputs.items()}
+  return {name: ranking_metrics(labels, q)["roc_auc"] for name, q in p.items()}, p["full"]
+
+
 def audit(predict, arrays: dict, raw_train: dict | None, raw_split: dict | None) -> dict:
   """The shortcut audit of `predict` (uint8 (N, S, S, 1) -> P(COVID)) on one split.
 
@@ -158,13 +173,9 @@ def audit(predict, arrays: dict, raw_train: dict | None, raw_split: dict | None)
     ROC AUC on full images, with the lungs hidden and on the lungs only; the image-statistics baseline; how the
     segmentation went (images without a lung field, median share of the image that is lung).
   """
-  from covidct.metrics import ranking_metrics  # pylint: disable=import-outside-toplevel
-
   images, labels = arrays["images"], arrays["labels"]
   masks = lung_masks(images)
-  auc = {name: ranking_metrics(labels, np.asarray(predict(x), np.float64).reshape(-1))["roc_auc"]
-         for name, x in (("full", images), ("lungs_hidden", hide_lungs(images, masks)),
-                         ("lungs_only", lungs_only(images, masks)))}
+  auc, _ = masked_scores(predict, images, labels, masks)
   share = masks.reshape(len(masks), -1).mean(axis=1) if len(masks) else np.zeros(0)
   return {
       "roc_auc": auc,

@@ -199,7 +199,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
   # pylint: disable=import-outside-toplevel
-  from covidct.audit import crop_to_lungs, hide_lungs, lung_masks, lungs_only, statistics_auc
+  from covidct.audit import AUDIT_INPUTS, crop_to_lungs, lung_masks, masked_scores, statistics_auc
   from covidct.data import CONSUMER_RESIZES, TRAINING_RESIZE, consumer_resize, raw_arrays
   from covidct.runners import SavedModelRunner
 
@@ -207,10 +207,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
   lung_crop = json.loads((cv_dir / "config.json").read_text()).get("lung_crop") or ""
   lung_crop = "field" if lung_crop is True else lung_crop  # a cv of session 12 before 'box' existed
 
-  def prepare(images, masks=None):  # what reaches the model: the image, or what --lung-crop leaves of it
-    if not lung_crop:
-      return images
-    masks = lung_masks(images) if masks is None else masks
+  def prepare(images, masks):  # what --lung-crop leaves of each image
     return np.stack([crop_to_lungs(im, m, keep=lung_crop) for im, m in zip(images, masks)])
 
   fold_files = [set(f["filenames"]) for f in json.loads((cv_dir / "folds.json").read_text())["folds"]]
@@ -225,18 +222,16 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
     labels = raw["labels"][held]
     masks = lung_masks(images)
     without += int(np.sum(~masks.reshape(len(masks), -1).any(axis=1)))
-    p = {name: np.asarray(runner(prepare(x, masks)), np.float64).reshape(-1)
-         for name, x in (("full", images), ("lungs_hidden", hide_lungs(images, masks)),
-                         ("lungs_only", lungs_only(images, masks)))}
-    row = {"fold": i, **{name: ranking_metrics(labels, q)["roc_auc"] for name, q in p.items()}}
+    auc, full = masked_scores(runner, images, labels, masks, prepare if lung_crop else None)
+    row = {"fold": i, **auc}
     subset = lambda idx: {k: ([raw[k][j] for j in idx] if k == "images" else raw[k][idx])  # noqa: E731
                           for k in ("images", "labels", "filenames")}
     row["image_statistics"] = statistics_auc(subset(rest), subset(held))["roc_auc"]
     per_fold.append(row)
-    decided = p["full"] >= f["threshold"]
+    decided = full >= f["threshold"]
     for method in CONSUMER_RESIZES:
       resized = np.stack([consumer_resize(raw["images"][j], runner.image_size, method) for j in held])
-      q = np.asarray(runner(prepare(resized))).reshape(-1)
+      q = np.asarray(runner(prepare(resized, lung_masks(resized)) if lung_crop else resized)).reshape(-1)
       agree[method] += int(np.sum((q >= f["threshold"]) == decided))
   n = int(sum(np.sum(fold_of == f["fold"]) for f in folds))
 
@@ -244,7 +239,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
     values = np.array([r[key] for r in per_fold], np.float64)
     return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
-  return {"roc_auc": {key: stat(key) for key in ("full", "lungs_hidden", "lungs_only", "image_statistics")},
+  return {"roc_auc": {key: stat(key) for key in AUDIT_INPUTS + ("image_statistics",)},
           "per_fold": per_fold, "resize_agreement": {m: agree[m] / n for m in CONSUMER_RESIZES}, "images": n,
           "without_lung_field": without, "lung_crop": lung_crop,
           "fold_model": _fold_model_kind(cv_dir / f"fold_{folds[0]['fold']}")}

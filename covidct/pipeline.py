@@ -104,7 +104,7 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
   parity_error = None
   try:
     manifest = export_model(model_dir, out / "export", formats, data_dir=data_dir, n_boot=n_boot,
-                            threshold=threshold, progress=echo)
+                            threshold=threshold, shortcut_audit=report["shortcut_audit"], progress=echo)
   except ParityError as e:
     parity_error = str(e)
     manifest = Manifest.load(out / "export")
