@@ -18,12 +18,19 @@ import numpy as np
 
 from benchmarks.latency import configurations, run_worker
 from benchmarks.run import row_parity
+from benchmarks.worker import ISA_VARIABLE
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir, refuse_existing
 from covidct.manifest import Manifest
 from covidct.reporting import table
 
 DEFAULT_ROUNDS = 15
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA), for a row of what a CPU with fewer extensions would run. Only
+# the runtimes built on oneDNN honour one: OpenVINO's convolutions and matrix products (its own small element-wise
+# kernels keep the full set) and TensorFlow's; ONNX Runtime (MLAS) and LiteRT (XNNPACK) pick theirs from the CPU.
+MAX_ISAS = {"avx2": "AVX2", "avx2_vnni": "AVX2_VNNI", "avx512_core": "AVX512_CORE",
+            "avx512_core_vnni": "AVX512_CORE_VNNI"}
+ISA_CAPPED_RUNTIMES = ("openvino", "tf_signature")
 SKIPPED_RUNTIMES = ("keras_predict", "keras_call")  # their model is the training run's, not the export's files
 
 
@@ -39,7 +46,7 @@ def export_names(exports) -> list[str]:
 
 def compare_exports(exports, out_dir, rounds: int = DEFAULT_ROUNDS, batch: int = 1, threads: int = 1,
                     runtimes=None, runs: int = 50, warmup: int = 5, max_seconds: float = 3.0, data_dir=None,
-                    overwrite: bool = False, progress: bool = True) -> dict:
+                    max_isa: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
   """Benchmarks every artifact x runtime of `exports` in `rounds` interleaved rounds; writes compare.json and .md.
 
   Args:
@@ -50,6 +57,8 @@ def compare_exports(exports, out_dir, rounds: int = DEFAULT_ROUNDS, batch: int =
     runtimes: only these runtimes (names of benchmarks.latency.RUNTIMES); None: all but the Keras rows.
     runs, warmup, max_seconds: per row and round, as in `covidct bench`.
     data_dir: the dataset, for the parity of rows that the export did not check itself (OpenVINO's).
+    max_isa: a key of MAX_ISAS: every row runs with oneDNN capped at that instruction set, which only the
+      ISA_CAPPED_RUNTIMES honour (the rows are limited to them); OpenVINO rows are checked for parity under it.
     overwrite: replace an existing `out_dir`.
     progress: a progress bar over the rounds.
 
@@ -58,16 +67,27 @@ def compare_exports(exports, out_dir, rounds: int = DEFAULT_ROUNDS, batch: int =
     speed against the first export's...], "settings": {...}}.
 
   Raises:
-    CovidctError: fewer than two exports, a folder that is not an export, rounds < 2, nothing to measure.
+    CovidctError: fewer than two exports, a folder that is not an export, rounds < 2, nothing to measure, an
+      unknown `max_isa` or one asked of runtimes that ignore it.
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  from covidct.versions import cpu_kind  # pylint: disable=import-outside-toplevel
 
   if len(exports) < 2:
     raise CovidctError("bench-compare needs at least two export folders (the first is the baseline).")
   if rounds < 2:
     raise CovidctError(f"--rounds must be at least 2 (a ratio per round, then their median), got {rounds}.")
+  if max_isa is not None:
+    if max_isa not in MAX_ISAS:
+      raise CovidctError(f"unknown --max-isa {max_isa!r}; choose from {', '.join(MAX_ISAS)}.")
+    ignoring = sorted(set(runtimes or ()) - set(ISA_CAPPED_RUNTIMES))
+    if ignoring:
+      raise CovidctError(f"--max-isa caps oneDNN, which only {' and '.join(ISA_CAPPED_RUNTIMES)} use; "
+                         f"{', '.join(ignoring)} would run uncapped: leave them out of --runtimes.")
+    runtimes = list(runtimes or ISA_CAPPED_RUNTIMES)
   refuse_existing(out_dir, overwrite)
-  rows, names = [], export_names(exports)
+  rows, names, capped = [], export_names(exports), {}
   for name, e in zip(names, exports):
     root = pathlib.Path(e)
     manifest = Manifest.load(root)
@@ -75,21 +95,35 @@ def compare_exports(exports, out_dir, rounds: int = DEFAULT_ROUNDS, batch: int =
     for r in configurations(root, (threads,), None):
       if "skipped" in r or r["runtime"] in SKIPPED_RUNTIMES or (runtimes and r["runtime"] not in runtimes):
         continue
-      rows.append({"export": name, **r, "parity": row_parity(root, manifest, r, data_dir, cache), "rounds_ms": []})
+      if max_isa and r["runtime"] == "openvino":  # checked under the cap, in a process of its own, once per file
+        key = ("capped", str(pathlib.Path(r["path"]).resolve()))
+        if key not in capped:
+          res = run_worker({"mode": "parity", "root": str(root), "row": r, "data_dir": data_dir},
+                           env={ISA_VARIABLE: MAX_ISAS[max_isa]})
+          capped[key] = {"passed": None, "how": f"not checked: {res['error']}"} if "error" in res else \
+              {**res, "how": f"{res['how']}, oneDNN capped at {MAX_ISAS[max_isa]}"}
+        check = capped[key]
+      else:
+        check = row_parity(root, manifest, r, data_dir, cache)
+      rows.append({"export": name, **r, "parity": check, "rounds_ms": []})
   if not rows:
     raise CovidctError(f"nothing to measure: no artifact of these exports runs under {', '.join(runtimes or [])} here.")
   spec = {"batch_sizes": [batch], "runs": runs, "warmup": warmup, "max_seconds": max_seconds}
   for _ in tqdm(range(rounds), desc=f"{len(rows)} rows x {rounds} rounds", unit="round", disable=not progress):
     for row in rows:
-      res = run_worker({k: v for k, v in row.items() if k not in ("parity", "rounds_ms", "export")} | spec)
+      res = run_worker({k: v for k, v in row.items() if k not in ("parity", "rounds_ms", "export", "kernels")}
+                       | spec, env={ISA_VARIABLE: MAX_ISAS[max_isa]} if max_isa else None)
       if "error" in res:
         row["error"] = res["error"]
       else:
         row["rounds_ms"].append(res["batches"][str(batch)]["p50_ms"])
+        if "kernels" in res:
+          row["kernels"] = res["kernels"]
   for row in rows:
     row["median_ms"] = float(np.median(row["rounds_ms"])) if row["rounds_ms"] else None
   result = {"settings": {"batch": batch, "threads": threads, "rounds": rounds, "runs": runs, "warmup": warmup,
-                         "max_seconds": max_seconds, "inputs": "seeded random uint8 images of the model's input size"},
+                         "max_seconds": max_seconds, "inputs": "seeded random uint8 images of the model's input size",
+                         "cpu": cpu_kind(), "max_isa": MAX_ISAS[max_isa] if max_isa else None},
             "rows": rows, "exports": _per_export(rows, names, rounds)}
   with atomic_dir(out_dir, overwrite) as tmp:
     (tmp / "compare.json").write_text(json.dumps(result, indent=2, default=str))
@@ -129,6 +163,9 @@ def markdown(result: dict) -> str:
   rows = sorted(result["rows"], key=lambda r: (r["median_ms"] is None, r["median_ms"] or 0))
   lines = [f"# Exports compared in one interleaved run (batch {s['batch']}, {s['threads']} thread(s), "
            f"{s['rounds']} rounds)", "",
+           f"CPU: {s.get('cpu', 'not recorded')}"
+           + (f"; oneDNN capped at {s['max_isa']} (OpenVINO's convolutions and matrix products and TensorFlow's "
+              "kernels use no more than it, parity checks included)." if s.get("max_isa") else "."), "",
            "Every round ran each row once, in a fresh worker process, in the same order; p50 latency per round, "
            "then the median over rounds. Compare these rows with each other only.", "",
            table(["export", "artifact / runtime", "parity", "median ms", "min ms", "max ms"],
@@ -144,4 +181,11 @@ def markdown(result: dict) -> str:
                    f"{e['fastest']['median_ms']:.2f}" if e["fastest"] else "-",
                    f"{e['speedup']['median']:.2f}x ({e['speedup']['min']:.2f}-{e['speedup']['max']:.2f})"
                    if e["speedup"] else "-") for e in result["exports"]], align="llrr")]
+  kernels = [r for r in rows if r.get("kernels")]
+  if kernels:
+    lines += ["", "The kernels OpenVINO ran the convolutions and matrix products with (layers, share of their time); "
+              "the name gives the instruction set and the precision:", "",
+              table(["export", "artifact", "kernels"],
+                    [(r["export"], r["artifact"], ", ".join(f"{k['kernel']} ({k['layers']}, {100 * k['share']:.0f}%)"
+                                                             for k in r["kernels"])) for r in kernels], align="lll")]
   return "\n".join(lines) + "\n"

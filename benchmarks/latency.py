@@ -102,8 +102,10 @@ def configurations(artifacts_dir, threads=(1, 2), gpu: dict | None = None) -> li
   return rows
 
 
-def run_worker(spec: dict, timeout: float = 600) -> dict:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def run_worker(spec: dict, timeout: float = 600, env: dict | None = None) -> dict:
+  """Runs one configuration in a fresh process (`benchmarks.worker`), with `env` added to this process's
+  environment; returns its result, or {"error": ...}."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   if spec.get("threads"):
     env.update(OMP_NUM_THREADS=str(spec["threads"]))
   res = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], capture_output=True, text=True,

@@ -37,7 +37,8 @@ def markdown(report: dict) -> str:
          if any((peak.get("measured_int8_gemm_gops") or {}).values()) else "")
       + f"; theoretical {peak['theoretical_gflops_per_core']:.1f} GFLOP/s per core ({peak['theoretical_basis']}). "
       "`% peak` is achieved GOP/s over the measured GEMM rate at the same thread count: the int8 GEMM's for the "
-      "int8 copies (tflite_int8, onnx_int8, every copy of a quantization-aware model but the float ones), the "
+      "int8 copies (tflite_int8, onnx_int8, every copy of a quantization-aware model but the float ones; an "
+      "OpenVINO row by the kernels it ran, which run a quantization-aware model's QDQ float copies in int8), the "
       "float32 GEMM's for the others.", "",
       f"Latency per batch in ms (p50 / p99), throughput in images/s; {report['settings']['inputs']}.", "",
       "| artifact / runtime / threads | parity | test AUC | MB | load s | first ms | peak RSS MB | "

@@ -12,6 +12,8 @@ import resource
 import sys
 import time
 
+ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"  # oneDNN's cap on the instruction set its kernels may use (OpenVINO, TensorFlow)
+
 
 def _rss_mb() -> float:
   """Peak resident memory of this process so far (VmHWM: unlike ru_maxrss, it does not carry over the parent's peak
@@ -24,6 +26,32 @@ def _rss_mb() -> float:
   except OSError:
     pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+KERNEL_NODES = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
+
+
+def openvino_kernels(path, threads, batch: int) -> list[dict]:
+  """The kernels OpenVINO picked for the file's convolutions and matrix products on this CPU (their names carry the
+  instruction set and precision, e.g. brgconv_avx512_1x1_I8, jit_avx2_I8): a profiled inference at `batch`, each
+  kernel with its layer count and share of those layers' time."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from covidct.runners import OpenVINORunner  # pylint: disable=import-outside-toplevel
+
+  r = OpenVINORunner(path, num_threads=threads, config={"PERF_COUNT": True})
+  request = r.compiled.create_infer_request()
+  x = np.random.default_rng(0).integers(0, 256, (batch, r.image_size, r.image_size, 1), dtype=np.uint8)
+  for _ in range(3):  # the counters hold the last inference: one after the first-run set-up
+    request.infer({0: x})
+  times: dict = {}
+  for p in request.get_profiling_info():
+    if p.node_type in KERNEL_NODES and p.exec_type:
+      n, us = times.get(p.exec_type, (0, 0.0))
+      times[p.exec_type] = (n + 1, us + p.real_time.total_seconds() * 1e6)
+  total = sum(us for _, us in times.values()) or 1.0
+  return [{"kernel": k, "layers": n, "share": us / total}
+          for k, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][1])]
 
 
 def make_call(spec):
@@ -105,9 +133,26 @@ def run(spec: dict) -> dict:
     out["batches"][str(batch)] = latency_stats(samples, batch)
   out["peak_rss_mb"] = _rss_mb()
   out["rss_before_load_mb"] = rss_start
+  if spec["runtime"] == "openvino":  # after the timing and the memory peak, so neither includes the profiled copy
+    out["kernels"] = openvino_kernels(spec["path"], spec.get("threads"), spec["batch_sizes"][0])
+  if os.environ.get(ISA_VARIABLE):
+    out["max_isa"] = os.environ[ISA_VARIABLE]
   return out
+
+
+def parity(spec: dict) -> dict:
+  """A row's parity (benchmarks.run.row_parity) checked in this process, so under this process's environment (an
+  instruction-set cap)."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  from benchmarks.run import row_parity  # pylint: disable=import-outside-toplevel
+  from covidct.manifest import Manifest  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(spec["root"])
+  return row_parity(root, Manifest.load(root), spec["row"], spec.get("data_dir"), {})
 
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  print("BENCH " + json.dumps(run(json.loads(sys.argv[1]))))
+  spec_ = json.loads(sys.argv[1])
+  print("BENCH " + json.dumps(parity(spec_) if spec_.get("mode") == "parity" else run(spec_), default=float))

@@ -43,16 +43,18 @@ class FakeQuant(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="covidct")
 class QuantConv(keras.layers.Layer):
   """A convolution (kind 'conv'), depthwise convolution ('dw') or dense layer ('dense') with its batch norm folded
-  in: kernel and bias. With `quantize_weights`, the kernel is fake-quantized per output channel to symmetric int8
-  ([-127, 127] times max|w| / 127); without, the kernel is used as stored (a baked copy whose kernel already lies on
-  that grid)."""
+  in: kernel and bias. With `quantize_weights`, the kernel is fake-quantized per output channel to a symmetric
+  `weight_bits` grid (8: [-127, 127] times max|w| / 127; 7: [-63, 63] times max|w| / 63, still stored as int8);
+  without, the kernel is used as stored (a baked copy whose kernel already lies on that grid)."""
 
-  def __init__(self, kind, kernel_shape, strides=(1, 1), padding="valid", quantize_weights=True, **kwargs):
+  def __init__(self, kind, kernel_shape, strides=(1, 1), padding="valid", quantize_weights=True, weight_bits=8,
+               **kwargs):
     super().__init__(**kwargs)
     if kind not in ("conv", "dw", "dense"):
       raise ValueError(f"unknown kind {kind!r}")
     self.kind, self.kernel_shape = kind, tuple(int(d) for d in kernel_shape)
     self.strides, self.padding, self.quantize_weights = tuple(strides), padding, bool(quantize_weights)
+    self.weight_bits = int(weight_bits)
 
   def build(self, input_shape):
     self.kernel = self.add_weight(shape=self.kernel_shape, initializer="zeros", name="kernel")
@@ -66,7 +68,8 @@ class QuantConv(keras.layers.Layer):
     if self.kind == "dw":  # (kh, kw, channels, 1): the channel axis last for the per-channel op, then back
       k = tf.transpose(k, (0, 1, 3, 2))
     m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(k), axis=tuple(range(len(k.shape) - 1))), 1e-12))
-    q = tf.quantization.fake_quant_with_min_max_vars_per_channel(k, -m, m, num_bits=8, narrow_range=True)
+    q = tf.quantization.fake_quant_with_min_max_vars_per_channel(k, -m, m, num_bits=self.weight_bits,
+                                                              narrow_range=True)
     return tf.transpose(q, (0, 1, 3, 2)) if self.kind == "dw" else q
 
   def call(self, x):
@@ -84,4 +87,5 @@ class QuantConv(keras.layers.Layer):
 
   def get_config(self):
     return {**super().get_config(), "kind": self.kind, "kernel_shape": list(self.kernel_shape),
-            "strides": list(self.strides), "padding": self.padding, "quantize_weights": self.quantize_weights}
+            "strides": list(self.strides), "padding": self.padding, "quantize_weights": self.quantize_weights,
+            "weight_bits": self.weight_bits}

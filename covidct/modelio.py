@@ -43,6 +43,25 @@ def read_run_config(run_dir) -> dict:
   return config
 
 
+def trained_on(run_dir) -> str:
+  """The data a training output trained on ('train', or 'train+validation' for a model of record), following a
+  quantization-aware run to the run it came from; '' when the folder does not say (a bare SavedModel)."""
+  from covidct.manifest import read_json  # pylint: disable=import-outside-toplevel
+
+  run = pathlib.Path(run_dir)
+  for _ in range(4):  # a qat output (its own history has no train_data) points at its source run
+    source = (read_run_config(run).get("source") or {}).get("run")
+    if source:
+      run = pathlib.Path(source)
+      continue
+    history = run / "history.json"
+    if not history.is_file():
+      return ""
+    return str((read_json(history, "a covidct training history", "train that run again").get("summary") or {})
+               .get("train_data", "train"))
+  return ""
+
+
 def load_run_model(run_dir):
   """The Keras model of one `covidct train` (or `qat`, `ensemble`) output folder."""
   path = pathlib.Path(run_dir) / "model.keras"

@@ -31,8 +31,15 @@ RECOMMENDED_RUNTIMES = {"tf_signature": "default", "litert": "default", "ort": "
 
 def resolve_model(model_path) -> tuple[pathlib.Path, str, str | None]:
   """(artifact, runtime, why): for an export folder (or a pushed version) whose manifest holds `covidct bench`'s
-  recommendation, the recommended copy and runtime; otherwise `model_path` as given, under its own runtime."""
+  recommendation measured on this kind of CPU, the recommended copy and runtime; otherwise `model_path` as given,
+  under its own runtime (with why, when a recommendation from another CPU was set aside).
+
+  A recommendation is kept only on the CPU it was measured on (model and instruction sets): the fastest copy that
+  passed parity there may not pass here. Measured: a quantization-aware model with 8-bit weights ran exactly under
+  OpenVINO's VNNI kernels and agreed with the SavedModel on 93.6% of test decisions under its AVX2 ones.
+  """
   from covidct.manifest import MANIFEST_FILE, Manifest  # pylint: disable=import-outside-toplevel
+  from covidct.versions import cpu_label  # pylint: disable=import-outside-toplevel
 
   p = pathlib.Path(model_path)
   if p.is_dir():
@@ -43,6 +50,10 @@ def resolve_model(model_path) -> tuple[pathlib.Path, str, str | None]:
         target = (base / rec["file"]) if rec.get("file") else None
         if target is not None and rec.get("file") == "saved_model" and base.name == "assets.extra":
           target = base.parent  # a pushed version: the SavedModel is the version folder itself
+        here = cpu_label()
+        if rec.get("measured_on") and rec["measured_on"] != here:
+          return p, "default", (f"covidct bench's recommendation was measured on {rec['measured_on']}, not on this "
+                                f"CPU ({here}): run covidct bench here to choose a copy for it")
         if runtime and target is not None and target.exists():
           return target, runtime, f"recommended by covidct bench on {rec.get('measured_on', '?')}"
   return p, "default", None

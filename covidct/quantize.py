@@ -26,7 +26,7 @@ import time
 import keras
 import numpy as np
 
-from covidct.config import CALIBRATION_IMAGES
+from covidct.config import CALIBRATION_IMAGES, QAT_WEIGHT_BITS, WEIGHT_BITS_CHOICES
 from covidct.errors import CovidctError
 from covidct.fsutil import atomic_dir, refuse_existing
 from covidct.layers import INPUT_RANGES, OUTPUT_STEP, FakeQuant, QuantConv  # noqa: F401
@@ -65,10 +65,12 @@ def check_twin_layout(model, what: str = "this model") -> None:
                        f"{', '.join(extra)} (e.g. a --blur run), which it cannot rebuild yet.")
 
 
-def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = True, temperature: float = 1.0):
+def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = True, temperature: float = 1.0,
+                   weight_bits: int = 8):
   """The quantized twin of a trained MobileNetV2 classifier (covidct.models' layout); `ranges` maps each fake-quant
   point to (lo, hi), and a point missing from it is left unquantized (identity); the logit is divided by
-  `temperature`. Returns (twin, point names)."""
+  `temperature`; weights go on a per-channel `weight_bits` grid (covidct.config.QAT_WEIGHT_BITS for `qat`).
+  Returns (twin, point names)."""
   check_twin_layout(model)
   ranges = ranges or {}
   points: list[str] = []
@@ -81,7 +83,7 @@ def quantized_twin(model, ranges: dict | None = None, quantize_weights: bool = T
 
   def qconv(x, name, kind, k, b, strides=(1, 1), padding="valid"):
     folded[name] = (k, b)
-    return QuantConv(kind, k.shape, strides, padding, quantize_weights, name=name)(x)
+    return QuantConv(kind, k.shape, strides, padding, quantize_weights, weight_bits, name=name)(x)
 
   inputs = keras.Input(model.input_shape[1:], name="image")
   x = fq(keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs), "rescale")
@@ -183,13 +185,14 @@ def is_quantization_aware(saved_model_dir) -> bool:
 
 
 def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calibration_images: int = CALIBRATION_IMAGES,
-        seed: int = 0, batch_size: int = 32, temperature: float | None = None, data_dir=None, overwrite: bool = False,
-        verbose: int = 1) -> dict:
+        seed: int = 0, batch_size: int = 32, temperature: float | None = None, weight_bits: int = QAT_WEIGHT_BITS,
+        data_dir=None, overwrite: bool = False, verbose: int = 1) -> dict:
   """Quantization-aware fine-tuning of the MobileNetV2 run in `run_dir`; writes a training output to `out_dir`.
 
   The train split calibrates the ranges and trains (with the run's augmentation, class weights and label
   smoothing); the validation split fits the temperature (unless given) and picks the epoch kept, calibration only
-  (epoch 0) included.
+  (epoch 0) included. Weights go on a per-channel `weight_bits` grid (7 by default: exact on CPUs without VNNI;
+  see covidct.config.QAT_WEIGHT_BITS).
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -202,6 +205,8 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
   if epochs < 0 or not learning_rate > 0 or calibration_images <= 0 or (temperature is not None and
                                                                          not temperature > 0):
     raise CovidctError("epochs must be >= 0, learning_rate > 0, calibration_images > 0 and temperature > 0.")
+  if weight_bits not in WEIGHT_BITS_CHOICES:
+    raise CovidctError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS_CHOICES))}, got {weight_bits}.")
   run = pathlib.Path(run_dir)
   out = pathlib.Path(out_dir)
   refuse_existing(out, overwrite)
@@ -223,7 +228,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
     val = split_arrays("validation", data_dir, size)
     temperature = fit_temperature(logits(model, val["images"]), val["labels"]) if temperature is None else temperature
     ranges = calibrate_ranges(model, reps, temperature=temperature)
-    twin, _ = quantized_twin(model, ranges, temperature=temperature)
+    twin, _ = quantized_twin(model, ranges, temperature=temperature, weight_bits=weight_bits)
     train_ds = build_inputs("train", data_dir=data_dir, image_size=size, batch_size=batch_size, training=True,
                             augment=cfg.augment, seed=seed, shuffle_buffer=cfg.shuffle_buffer)
     val_ds = build_inputs("validation", data_dir=data_dir, image_size=size, batch_size=batch_size)
@@ -252,7 +257,9 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
         "quantization_aware": {"epochs": epochs, "learning_rate": learning_rate, "calibration_images": len(reps),
                                "seed": seed, "batch_size": batch_size, "epoch_kept": best,
                                "temperature": temperature,
-                               "weights": "int8 per output channel, symmetric",
+                               "weights": f"int8 per output channel, symmetric, on a {weight_bits}-bit grid "
+                                          f"([-{2 ** (weight_bits - 1) - 1}, {2 ** (weight_bits - 1) - 1}])",
+                               "weight_bits": weight_bits,
                                "activations": "int8 per tensor, ranges calibrated on train then fixed"},
         "source": {"run": str(run.resolve()), "config": source_cfg},
     }

@@ -39,6 +39,13 @@ def cpu_info() -> dict:
           "theoretical_basis": f"{lanes} float32 lanes x {fma} (FMA) x 2 ports x {mhz:.0f} MHz"}
 
 
+def cpu_label(info: dict | None = None) -> str:
+  """The CPU as `covidct bench` records where it measured a recommendation, e.g. 'Intel(R) Xeon(R) Processor (avx512,
+  VNNI)': a recommendation holds on CPUs with this same label only."""
+  info = info or cpu_info()
+  return f"{info['model']} ({info['vector']}{', VNNI' if info['vnni'] else ''})"
+
+
 def cpu_kind(info: dict | None = None) -> str:
   """One line naming the CPU and the instruction sets that decide which kernels the runtimes pick, e.g.
   'AMD EPYC 7763 64-Core Processor (AVX2, no VNNI)'."""

@@ -100,6 +100,9 @@ def export_tflite(saved_model_dir, out_path, mode: str = "float32", representati
     flat = converter.convert()
   except Exception as e:  # the converter raises ConverterError and others
     raise ExportError(f"TFLite {mode} conversion of {saved_model_dir} failed: {str(e).splitlines()[0][:300]}") from e
+  regridded = 0
+  if mode != "float32":
+    flat, regridded = tflite_weights_to_7bit_grid(flat)
   final = pathlib.Path(out_path)
   tmp = _tmp_for(final)
   tmp.write_bytes(flat)
@@ -108,7 +111,68 @@ def export_tflite(saved_model_dir, out_path, mode: str = "float32", representati
   if flex:
     tmp.unlink()
     raise UnsupportedOpError(f"TFLite {mode} model needs non-builtin ops {flex}; only builtin ops are allowed.")
-  return _finish(fmt, tmp, final, start, ops=ops)
+  return _finish(fmt, tmp, final, start, ops=ops, **({"weights_on_7bit_grid": regridded} if regridded else {}))
+
+
+def tflite_weights_to_7bit_grid(flat: bytes) -> tuple[bytes, int]:
+  """Puts a quantized TFLite model's int8 weights back on the 7-bit grid a `covidct qat` model was trained on;
+  returns (the model, how many weight tensors), or (`flat` unchanged, 0) when they are not on it.
+
+  The TFLite converter quantizes weights per channel at max|w| / 127, so a weight k * max|w| / 63 (|k| <= 63) is
+  stored as round(k * 127 / 63): up to half an 8-bit step off the trained value (22-25 output steps measured), and
+  back in the range whose products saturate 16-bit pair sums on CPUs without VNNI (OpenVINO's AVX2 kernels then
+  failed parity). Each k is recovered exactly (k = round(q * 63 / 127), as k * 127 / 63 is never within 0.25 of a
+  half) and stored with scale max|w| / 63; the int32 bias, in units of input scale x weight scale, is rescaled to
+  match (rounded to its new unit, far below one output step). Applied only when every channel of every conv,
+  depthwise and fully connected weight maps back this way, which 8-bit weights do not (each value does with
+  probability about 1/2).
+  """
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=import-outside-toplevel
+  from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=import-outside-toplevel
+
+  model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flat))
+  kinds = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D,
+           schema.BuiltinOperator.FULLY_CONNECTED)
+  pairs, seen = [], set()
+  for graph in model.subgraphs:
+    for op in graph.operators:
+      code = model.operatorCodes[op.opcodeIndex]
+      if max(code.builtinCode, code.deprecatedBuiltinCode) not in kinds or len(op.inputs) < 2:
+        continue
+      w = graph.tensors[op.inputs[1]]
+      if w.buffer in seen:  # a weight shared by two operators is rescaled once
+        continue
+      seen.add(w.buffer)
+      data = model.buffers[w.buffer].data if w.buffer < len(model.buffers) else None
+      if w.type != schema.TensorType.INT8 or w.quantization is None or w.quantization.scale is None or data is None:
+        return flat, 0  # a float or dynamically quantized weight: not a quantization-aware int8 model
+      q = np.asarray(data, np.uint8).view(np.int8).astype(np.int64)
+      k = np.round(q * 63 / 127)
+      if not np.array_equal(np.round(k * 127 / 63), q):
+        return flat, 0
+      # Per channel: 127/63, or 1 for a channel whose weights are all zero (a dead channel keeps its scale, which
+      # the converter makes tiny, and its bias, which that tiny unit may have clipped to the int32 limit).
+      channels = len(w.quantization.scale)
+      per_channel = np.moveaxis(q.reshape(w.shape), w.quantization.quantizedDimension, 0).reshape(channels, -1) \
+          if channels > 1 else q.reshape(1, -1)
+      factor = np.where(np.any(per_channel != 0, axis=1), 127.0 / 63.0, 1.0)
+      b = graph.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+      if b is not None and (b.type != schema.TensorType.INT32 or b.quantization is None
+                            or b.quantization.scale is None or model.buffers[b.buffer].data is None
+                            or len(b.quantization.scale) not in (1, channels)
+                            or (len(b.quantization.scale) == 1 and len(set(factor)) > 1)):
+        return flat, 0  # a bias laid out otherwise: leave the model as the converter wrote it
+      pairs.append((w, k, b, factor))
+  if not pairs:
+    return flat, 0
+  for w, k, b, factor in pairs:
+    model.buffers[w.buffer].data = k.astype(np.int8).view(np.uint8)
+    w.quantization.scale = [float(v) * f for v, f in zip(w.quantization.scale, factor)]
+    if b is not None:  # factor has one value per channel, or one for all (checked above)
+      bias = np.asarray(model.buffers[b.buffer].data, np.uint8).view(np.int32).astype(np.float64)
+      model.buffers[b.buffer].data = np.round(bias / factor).astype(np.int32).view(np.uint8)
+      b.quantization.scale = [float(v) * f for v, f in zip(b.quantization.scale, factor)]
+  return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), len(pairs)
 
 
 def export_onnx(saved_model_dir, out_path, opset: int = ONNX_OPSET) -> ExportResult:
@@ -133,6 +197,7 @@ def export_onnx(saved_model_dir, out_path, opset: int = ONNX_OPSET) -> ExportRes
   if quantized:  # a quantization-aware model: its weights go on their int8 grid too (see weights_to_qdq)
     weights_to_qdq(model)
   flattened = flatten_input_elementwise(model)
+  gray_first = gray_to_rgb_channels_first(model)
   for value in list(model.graph.input) + list(model.graph.output):  # a readable name for the dynamic batch axis
     dim = value.type.tensor_type.shape.dim[0]
     if not dim.HasField("dim_value"):
@@ -144,7 +209,7 @@ def export_onnx(saved_model_dir, out_path, opset: int = ONNX_OPSET) -> ExportRes
     raise ExportError(f"the ONNX model from {saved_model_dir} fails onnx.checker: {str(e).splitlines()[0]}") from e
   onnx.save(model, str(tmp))
   return _finish("onnx_float32", tmp, final, start, opset=opset, quantization_aware=quantized,
-                 preprocessing_flattened=flattened,
+                 preprocessing_flattened=flattened, gray_to_rgb_channels_first=gray_first,
                  inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output])
 
 
@@ -200,16 +265,70 @@ def flatten_input_elementwise(model) -> int:
   return len(region)
 
 
+def gray_to_rgb_channels_first(model) -> bool:
+  """Copies the gray channel to RGB on a channels-first view; returns whether the graph had the pattern.
+
+  tf2onnx writes the model's gray-to-RGB step as Concat(x, x, x) on the last axis of (N, S, S, 1), then a Transpose
+  to (N, 3, S, S) for the first convolution. OpenVINO (2026.4) runs that Concat with its reference kernel, and
+  the dequantization it moves behind it on an interleaved 3-channel layout: 1.5 + 0.8 of a quantization-aware
+  MobileNetV2 0.5's 4.7 ms at 224 px on one core, more than all its convolutions together. A Reshape of x to
+  (N, 1, S, S) (the same bytes, as the moved axis has size 1) and the Concat on axis 1 give the Transpose's output
+  directly: the same values, copied rather than computed, so exact.
+  """
+  from onnx import helper, numpy_helper, shape_inference  # pylint: disable=import-outside-toplevel
+
+  graph = model.graph
+
+  def dims(value):
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+  shapes = {v.name: dims(v) for v in [*shape_inference.infer_shapes(model).graph.value_info, *graph.input]}
+  for concat in graph.node:
+    ins = list(concat.input)
+    axis = next((a.i for a in concat.attribute if a.name == "axis"), None)
+    shape = shapes.get(ins[0] if ins else "", [])
+    if (concat.op_type != "Concat" or len(ins) != 3 or len(set(ins)) != 1 or len(shape) != 4 or shape[3] != 1
+        or axis not in (3, -1) or min(shape[1:3]) <= 0):
+      continue
+    users = [n for n in graph.node if concat.output[0] in n.input]
+    if concat.output[0] in {o.name for o in graph.output} or len(users) != 1 or users[0].op_type != "Transpose" \
+        or [list(a.ints) for a in users[0].attribute if a.name == "perm"] != [[0, 3, 1, 2]]:
+      continue
+    transpose = users[0]
+    name = f"{concat.output[0]}__channels_first"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, shape[1], shape[2]], np.int64), f"{name}_shape"))
+    reshape = helper.make_node("Reshape", [ins[0], f"{name}_shape"], [name], name=f"{name}_reshape")
+    concat.input[:] = [name] * 3
+    for a in concat.attribute:
+      if a.name == "axis":
+        a.i = 1
+    concat.output[:] = [transpose.output[0]]
+    nodes = [m for n in graph.node if n is not transpose for m in ((reshape, n) if n is concat else (n,))]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+  return False
+
+
 def has_qdq(model) -> bool:
   """Whether an ONNX graph already holds QuantizeLinear nodes (tf2onnx's form of a quantization-aware model's
   fake-quant ops)."""
   return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
+def weight_levels(w: np.ndarray, axis: int) -> int:
+  """63 when every output channel of `w` lies on a symmetric 7-bit grid (max|w| / 63 steps: a `covidct qat` model's
+  default, see covidct.config.QAT_WEIGHT_BITS), else 127 (8 bits)."""
+  other = tuple(i for i in range(w.ndim) if i != axis)
+  m = np.abs(w).max(axis=other, keepdims=True)
+  steps = w / np.where(m > 0, m, 1.0) * 63
+  return 63 if np.abs(steps - np.round(steps)).max() < 1e-3 else 127
+
+
 def weights_to_qdq(model) -> int:
-  """Stores each Conv/MatMul/Gemm float weight as int8 per output channel (symmetric, max|w| / 127) behind a
-  DequantizeLinear, in place; returns how many. For a quantization-aware model, whose baked weights already lie on
-  that grid, this is exact. Without it, onnxruntime's WeightBiasQuantization pass quantizes the float weights
+  """Stores each Conv/MatMul/Gemm float weight as int8 per output channel (symmetric, max|w| / 127, or / 63 for
+  weights on a 7-bit grid: weight_levels) behind a DequantizeLinear, in place; returns how many. For a
+  quantization-aware model, whose baked weights already lie on that grid, this is exact. Without it, onnxruntime's WeightBiasQuantization pass quantizes the float weights
   between quantized activations itself, per tensor, which wrecks depthwise convolutions (measured: decisions agreed
   on 67% of test scans instead of 99%)."""
   from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
@@ -225,9 +344,10 @@ def weights_to_qdq(model) -> int:
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    scale = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)) / 127.0
+    levels = weight_levels(w, axis)
+    scale = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)) / float(levels)
     scale[scale == 0] = 1.0
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -levels, levels).astype(np.int8)
     name = node.input[1]
     graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
                               numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),

@@ -16,7 +16,7 @@ from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir, refuse_existing, sha256
 from covidct.guard import GUARD_FILE, calibrate
 from covidct.manifest import MANIFEST_FILE, SCHEMA_VERSION, Manifest
-from covidct.modelio import read_run_config
+from covidct.modelio import read_run_config, trained_on
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.quantize import is_quantization_aware
 from covidct.runners import ONNX_SESSION_CONFIG, SavedModelRunner, load_runner
@@ -95,6 +95,11 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   ref_test = evaluate(reference, size, data_dir=data_dir, split="test", target_sensitivity=target_sensitivity,
                       n_boot=n_boot, arrays=arrays, threshold=threshold, shortcut_audit=shortcut_audit is None)
   threshold, chosen_on = ref_test["threshold"]["value"], ref_test["threshold"]["chosen_on"]
+  val_metrics = _summary(ref_val)
+  trained = trained_on(model_dir)
+  if "validation" in trained:  # a model of record: it trained on these images, so they are not held out
+    val_metrics = {**val_metrics, "in_sample": True,
+                   "note": f"the model trained on {trained}: in-sample figures, not a held-out estimate"}
   ref_probs = np.array([r["probability"] for r in ref_test["predictions"]])
 
   base = {  # what every copy means: in the manifest, and in each .onnx's own metadata
@@ -161,7 +166,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
         "source_model": str(pathlib.Path(model_dir).resolve()),
         **base,
         "quantization_aware": quantization_aware,
-        "metrics": {"saved_model": {"validation": _summary(ref_val), "test": _summary(ref_test)}},
+        "metrics": {"saved_model": {"validation": val_metrics, "test": _summary(ref_test)}},
         "artifacts": {},
         "input_guard": {"file": GUARD_FILE, **guard.calibration, "test_flagged": test_flags,
                         "test_images": int(len(arrays["test"]["images"]))},

@@ -63,7 +63,7 @@ def test_gpu_rows_say_why_they_are_skipped(exported):
     assert all("onnxruntime-gpu" in r["skipped"] for r in gpu_rows if r["runtime"] == "ort_cuda")
 
 
-def test_bench_smoke(exported, dummy_data_dir, tmp_path):
+def test_bench_smoke(exported, dummy_data_dir, tmp_path, monkeypatch):
   export = tmp_path / "export"  # bench writes its recommendation into the export's manifest: not the shared fixture's
   shutil.copytree(exported, export)
   out = tmp_path / "bench"
@@ -89,6 +89,9 @@ def test_bench_smoke(exported, dummy_data_dir, tmp_path):
   ov_rows = [r for r in measured if r["runtime"] == "openvino"]
   assert {r["artifact"] for r in ov_rows} == {"onnx_float32", "tflite_float32", "tflite_float16"}
   assert all(r["parity"]["how"] == "checked here on the test split" and r["parity"]["passed"] for r in ov_rows)
+  for r in ov_rows:  # the kernels it ran, float32 ones for this float model, and the peak they are measured against
+    assert r["kernels"] and all(k["kernel"].lower().endswith("_f32") for k in r["kernels"]), r["kernels"]
+    assert r["peak_kind"] == "float32 GEMM"
   # The recommendation: the fastest row that passes parity, per setting, and the default written to the manifest.
   rec = report["recommendation"]
   fastest = min((r for r in measured if r["artifact"] != "keras" and r["parity"]["passed"]),
@@ -109,6 +112,14 @@ def test_bench_smoke(exported, dummy_data_dir, tmp_path):
   Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
   res = CliRunner().invoke(main, ["predict", str(image), "--model", str(export)])
   assert res.exit_code == 0 and f"model {rec['default']['file']} on" in res.stdout, res.output
+  # On another kind of CPU the recommendation is set aside (its copy passed parity there, not necessarily here).
+  import covidct.versions
+
+  monkeypatch.setattr(covidct.versions, "cpu_label", lambda info=None: "AMD EPYC 7763 64-Core Processor (avx2)")
+  artifact, runtime, why = resolve_model(export)
+  assert (artifact, runtime) == (export, "default") and written["measured_on"] in why and "run covidct bench" in why
+  res = CliRunner().invoke(main, ["predict", str(image), "--model", str(export)])
+  assert res.exit_code == 0 and "not on this CPU (AMD EPYC" in res.stdout, res.output
 
 
 def test_a_copy_that_fails_parity_is_never_recommended():
@@ -222,3 +233,27 @@ def test_bench_compare_refuses_what_it_cannot_compare(exported, tmp_path):
   res = runner.invoke(main, ["bench-compare", str(exported), str(tmp_path), "--out", str(tmp_path / "b")])
   assert res.exit_code == 1 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bench_compare_runs_openvino_as_an_avx2_cpu_would(exported, dummy_data_dir, tmp_path):
+  """--max-isa avx2 caps oneDNN: OpenVINO's convolutions then run AVX2 kernels (named in the report), checked for
+  parity under the same cap; runtimes that ignore the cap are refused, not run uncapped."""
+  from benchmarks.interleaved import compare_exports, markdown
+
+  result = compare_exports([exported, exported], tmp_path / "cmp", rounds=2, runtimes=["openvino"], runs=5, warmup=1,
+                           max_seconds=0.2, data_dir=str(dummy_data_dir), max_isa="avx2", progress=False)
+  rows = result["rows"]
+  assert rows and {r["runtime"] for r in rows} == {"openvino"} and result["settings"]["max_isa"] == "AVX2"
+  for r in rows:
+    assert len(r["rounds_ms"]) == 2, r.get("error")
+    kernels = [k["kernel"] for k in r["kernels"]]
+    assert kernels and not [k for k in kernels if "avx512" in k.lower()], kernels
+    assert [k for k in kernels if "avx2" in k.lower()], kernels
+    assert sum(k["share"] for k in r["kernels"]) == pytest.approx(1.0)
+    assert r["parity"]["passed"] is not None and "capped at AVX2" in r["parity"]["how"], r["parity"]
+  md = markdown(result)
+  assert "capped at AVX2" in md and result["settings"]["cpu"] in md and "avx2" in md
+  res = CliRunner().invoke(main, ["bench-compare", str(exported), str(exported), "--out", str(tmp_path / "x"),
+                                  "--max-isa", "avx2", "--runtimes", "openvino,ort"])
+  assert res.exit_code == 1 and "ort would run uncapped" in res.output and "Traceback" not in res.output
+  assert not (tmp_path / "x").exists()

@@ -42,6 +42,10 @@ def test_every_format_round_trips(model_dir, dummy_data_dir, tmp_path):
   assert not [o for o in ops if o.lower().startswith("flex")]
   int8 = load_runner(tmp_path / FORMATS["tflite_int8"][0])
   assert int8.input_dtype == np.uint8 and int8.output["dtype"] == np.uint8  # integer in and out
+  from export.formats import tflite_weights_to_7bit_grid
+
+  # Post-training int8 weights lie on the converter's own 8-bit grid: nothing to put back on a 7-bit one.
+  assert tflite_weights_to_7bit_grid((tmp_path / FORMATS["tflite_int8"][0]).read_bytes())[1] == 0
 
 
 def test_export_folder_and_manifest(exported):
@@ -53,6 +57,7 @@ def test_export_folder_and_manifest(exported):
   for name, info in manifest["files"].items():
     assert (exported / name).stat().st_size == info["bytes"]
   assert manifest["libraries"]["tensorflow"].startswith("2.21")
+  assert "in_sample" not in manifest["metrics"]["saved_model"]["validation"]  # trained on train: held out
   parity = json.loads((exported / "parity.json").read_text())
   assert all(a["passed"] for a in parity["artifacts"])
   assert max(a["max_abs_diff"] for a in parity["artifacts"] if a["format"] != "tflite_float16") <= 1e-5
@@ -162,3 +167,43 @@ def test_input_preprocessing_runs_flat_and_exact(tmp_path):
   assert ops == ["Reshape", "Cast", "Mul", "Add", "Reshape", "Concat", "ReduceMean"]
   got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
   np.testing.assert_array_equal(got, want)
+
+
+def test_gray_to_rgb_runs_channels_first_and_exact(tmp_path):
+  """OpenVINO's slow last-axis Concat: the exporter copies the gray channel to RGB on a channels-first view and drops
+  the Transpose after it, with the same values out under ONNX Runtime and OpenVINO."""
+  import onnx
+  import onnxruntime as ort
+  import openvino as ov
+  from onnx import TensorProto, helper, numpy_helper
+
+  from export.formats import gray_to_rgb_channels_first
+
+  s = 12
+  w = np.random.default_rng(1).normal(size=(4, 3, 3, 3)).astype(np.float32)
+  nodes = [helper.make_node("Concat", ["image", "image", "image"], ["rgb"], axis=3),
+           helper.make_node("Transpose", ["rgb"], ["nchw"], perm=[0, 3, 1, 2]),
+           helper.make_node("Conv", ["nchw", "w"], ["y"], kernel_shape=[3, 3])]
+  graph = helper.make_graph(nodes, "gray", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, s, s, 1])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, s - 2, s - 2])],
+                            [numpy_helper.from_array(w, "w")])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  x = np.random.default_rng(0).normal(size=(2, s, s, 1)).astype(np.float32)
+
+  def outputs(m):
+    data = m.SerializeToString()
+    path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx"
+    path.write_bytes(data)
+    got_ort = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got_ov = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    return got_ort, got_ov
+
+  want_ort, want_ov = outputs(model)
+  assert gray_to_rgb_channels_first(model) is True
+  onnx.checker.check_model(model)
+  assert [n.op_type for n in model.graph.node] == ["Reshape", "Concat", "Conv"]
+  assert [a.i for a in model.graph.node[1].attribute if a.name == "axis"] == [1]
+  got_ort, got_ov = outputs(model)
+  np.testing.assert_array_equal(got_ort, want_ort)
+  np.testing.assert_allclose(got_ov, want_ov, rtol=0, atol=1e-5)
+  assert gray_to_rgb_channels_first(model) is False  # nothing left to rewrite

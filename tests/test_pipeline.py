@@ -86,6 +86,9 @@ def test_the_model_of_record_trains_on_train_and_validation_and_ships_its_cross_
   expected = 1 / (1 + np.exp(-np.log(0.3 / 0.7) / 2.0))
   assert manifest.threshold == record.quantized_threshold() and abs(manifest.threshold - expected) < 1e-12
   assert "cross-validation" in manifest.operating_threshold["chosen_on"]
+  # It trained on the validation split: the manifest says its validation figures are in-sample.
+  assert manifest.metrics["saved_model"]["validation"]["in_sample"] is True
+  assert "in_sample" not in manifest.metrics["saved_model"]["test"]
   pushed = Manifest.load(job / "serving" / "1" / "assets.extra")
   assert pushed.threshold == manifest.threshold
   assert "cross-validation" in (job / "serving" / "1" / "MODEL_CARD.md").read_text()

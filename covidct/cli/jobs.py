@@ -58,17 +58,20 @@ def bench_cmd(artifacts_dir, out_dir, batch_sizes, threads, runs, warmup, max_se
 @click.option("--threads", default=1, show_default=True, type=int, callback=positive)
 @click.option("--runtimes", default=None, metavar="LIST",
               help="Only these runtimes, comma-separated (default: all but the Keras rows).")
+@click.option("--max-isa", type=click.Choice(["avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni"]), default=None,
+              help="Run as a CPU with no more than this instruction set would (oneDNN's cap: OpenVINO and "
+                   "TensorFlow rows only), e.g. avx2 for an AMD EPYC's kernels on an AVX-512 Xeon.")
 @DATA_DIR
 @click.option("--overwrite", is_flag=True)
 @friendly
-def bench_compare_cmd(exports, out_dir, rounds, batch_size, threads, runtimes, data_dir, overwrite):
+def bench_compare_cmd(exports, out_dir, rounds, batch_size, threads, runtimes, max_isa, data_dir, overwrite):
   """Benchmark several EXPORTS (e.g. a float model's and its quantization-aware twin's) in one interleaved run:
   whether the others are faster than the first, on this machine, in spite of its drift."""
   from benchmarks.interleaved import compare_exports, markdown  # pylint: disable=import-outside-toplevel
 
   result = compare_exports(exports, out_dir, rounds=rounds, batch=batch_size, threads=threads, data_dir=data_dir,
                            runtimes=[r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None,
-                           overwrite=overwrite)
+                           max_isa=max_isa, overwrite=overwrite)
   click.echo(markdown(result))
   click.echo(f"Report: {out_dir}/compare.md")
 

@@ -116,15 +116,19 @@ def pretrain_cmd(out_dir, model, arrays_dir, epochs, batch_size, image_size, lea
               help="Divide the logit by this (default: fitted on validation, so an over-confident model's "
                    "probabilities stay apart at the 8-bit output's 1/256 step; ROC AUC is unchanged).")
 @click.option("--seed", type=int, default=None, help="Default 0.")
+@click.option("--weight-bits", type=click.Choice(["7", "8"]), default=None,
+              help="The weights' grid (default 7: [-63, 63], exact on CPUs without VNNI, where 8-bit weights' "
+                   "int8 products saturate under OpenVINO).")
 @DATA_DIR
 @OVERWRITE
 @QUIET
 @friendly
-def qat_cmd(run, out_dir, epochs, learning_rate, calibration_images, temperature, seed, data_dir, overwrite, quiet):
+def qat_cmd(run, out_dir, epochs, learning_rate, calibration_images, temperature, seed, weight_bits, data_dir, overwrite,
+            quiet):
   """Quantization-aware fine-tuning of a MobileNetV2 RUN, so its full-int8 copies give the same answers.
 
   The output is a training output whose SavedModel computes in 8-bit steps (batch norm folded, int8 weights per
-  channel, 8-bit activation ranges calibrated on train): export, evaluate, push and bench take it.
+  channel on a 7-bit grid by default, 8-bit activation ranges calibrated on train): export, evaluate, push and bench take it.
   """
   if epochs is not None and epochs < 0:
     raise click.BadParameter(f"must be 0 or more, got {epochs}.", param_hint="--epochs")
@@ -132,7 +136,8 @@ def qat_cmd(run, out_dir, epochs, learning_rate, calibration_images, temperature
 
   summary = qat(run, out_dir, calibration_images=calibration_images, temperature=temperature, data_dir=data_dir,
                 overwrite=overwrite, verbose=2 if quiet else 1,
-                **given(epochs=epochs, learning_rate=learning_rate, seed=seed))
+                **given(epochs=epochs, learning_rate=learning_rate, seed=seed,
+                        weight_bits=int(weight_bits) if weight_bits else None))
   before, kept = summary["validation_before_qat"], summary["validation"]
   click.echo(f"temperature {summary['temperature']:.3g}; validation ROC AUC {before['auc']:.4f} calibrated, "
              f"{kept['auc']:.4f} kept (epoch "
