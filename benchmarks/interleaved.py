@@ -96,7 +96,7 @@ def compare_exports(exports, out_dir, rounds: int = DEFAULT_ROUNDS, batch: int =
       if "skipped" in r or r["runtime"] in SKIPPED_RUNTIMES or (runtimes and r["runtime"] not in runtimes):
         continue
       if max_isa and r["runtime"] == "openvino":  # checked under the cap, in a process of its own, once per file
-        key = ("capped", str(pathlib.Path(r["path"]).resolve()))
+        key = str(pathlib.Path(r["path"]).resolve())
         if key not in capped:
           res = run_worker({"mode": "parity", "root": str(root), "row": r, "data_dir": data_dir},
                            env={ISA_VARIABLE: MAX_ISAS[max_isa]})
@@ -109,10 +109,10 @@ def compare_exports(exports, out_dir, rounds: int = DEFAULT_ROUNDS, batch: int =
   if not rows:
     raise CovidctError(f"nothing to measure: no artifact of these exports runs under {', '.join(runtimes or [])} here.")
   spec = {"batch_sizes": [batch], "runs": runs, "warmup": warmup, "max_seconds": max_seconds}
-  for _ in tqdm(range(rounds), desc=f"{len(rows)} rows x {rounds} rounds", unit="round", disable=not progress):
+  for i in tqdm(range(rounds), desc=f"{len(rows)} rows x {rounds} rounds", unit="round", disable=not progress):
     for row in rows:
       res = run_worker({k: v for k, v in row.items() if k not in ("parity", "rounds_ms", "export", "kernels")}
-                       | spec, env={ISA_VARIABLE: MAX_ISAS[max_isa]} if max_isa else None)
+                       | spec | {"kernels": i == 0}, env={ISA_VARIABLE: MAX_ISAS[max_isa]} if max_isa else None)
       if "error" in res:
         row["error"] = res["error"]
       else:
