@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+from covidct.extras import available
 from covidct.manifest import Manifest
 
 
@@ -84,7 +85,10 @@ def configurations(artifacts_dir, threads=(1, 2), gpu: dict | None = None) -> li
       runtime = "litert" if fmt.startswith("tflite") else "ort"
       rows.append(dict(artifact=fmt, runtime=runtime, path=str(root / info["file"]), threads=t))
       if fmt in OPENVINO_FORMATS:
-        rows.append(dict(artifact=fmt, runtime="openvino", path=str(root / info["file"]), threads=t))
+        row = dict(artifact=fmt, runtime="openvino", path=str(root / info["file"]), threads=t)
+        if not available("openvino"):
+          row["skipped"] = "OpenVINO is not installed (pip install 'covidct[openvino]')"
+        rows.append(row)
   gpu = gpu or {}
   gpu_rows = [dict(artifact="saved_model", runtime="tf_signature_gpu", path=str(root / "saved_model"), threads=None,
                    needs="tensorflow")]

@@ -52,13 +52,13 @@ def row_parity(root: pathlib.Path, manifest: Manifest, row: dict, data_dir, cach
   key = (artifact, runtime)
   if key not in cache:
     try:
-      from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+      from covidct.data import eval_set  # pylint: disable=import-outside-toplevel
       from covidct.runners import SavedModelRunner, load_runner  # pylint: disable=import-outside-toplevel
       from export.parity import check_parity  # pylint: disable=import-outside-toplevel
 
       if "test" not in cache:
         cache["reference"] = SavedModelRunner(root / "saved_model")
-        cache["test"] = split_arrays("test", data_dir, manifest.image_size)
+        cache["test"] = eval_set("covid_ct", "test", manifest.image_size, data_dir).arrays()
       candidate = load_runner(row["path"], runtime=runtime)
       r = check_parity(cache["reference"], candidate, artifact, cache["test"], manifest.threshold,
                        quantized_reference=manifest.quantization_aware)

@@ -58,8 +58,12 @@ def load_test(export_dir, out_dir, concurrencies=CONCURRENCIES, seconds: float =
   Raises:
     CovidctError: Locust is missing, or the server does not start.
   """
+  from covidct.extras import require  # pylint: disable=import-outside-toplevel
   from covidct.push import stage_version  # pylint: disable=import-outside-toplevel
   from covidct.serve import serving_subprocess  # pylint: disable=import-outside-toplevel
+
+  require("bench", "the serving load test (--load-test)")
+  require("serve", "the serving load test (--load-test)")
   from covidct.vectors import load_vectors  # pylint: disable=import-outside-toplevel
   from export.package import encode_png  # pylint: disable=import-outside-toplevel
 

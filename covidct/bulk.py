@@ -178,11 +178,10 @@ def bulk_predict(model_path, out_dir, patterns=(), files_from=None, output_forma
   Raises:
     CovidctError: an unknown format, an existing output, no input, an unloadable model or a bad pipeline option.
   """
-  try:
-    import apache_beam as beam  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise CovidctError("Apache Beam is not installed here: pip install 'apache-beam>=2.77' (add [gcp] for Dataflow).") \
-        from None
+  from covidct.extras import require  # pylint: disable=import-outside-toplevel
+
+  require("bulk")
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from apache_beam.io import fileio  # pylint: disable=import-outside-toplevel
   from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=import-outside-toplevel
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel

@@ -32,7 +32,7 @@ def options_of(config: dict) -> str:
   if recipe not in RECIPES:
     return f"recipe {recipe}" if recipe else "-"
   known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
-  base = dataclasses.asdict(RECIPES[recipe])
+  base = json.loads(json.dumps(dataclasses.asdict(RECIPES[recipe])))  # as config.json holds it (tuples as lists)
   changed = []
   for key in sorted(known):
     if key in _NOT_OPTIONS or known[key] == base.get(key):

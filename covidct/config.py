@@ -101,6 +101,17 @@ class TrainConfig:
   # reaches the model; '' for none. Only `covidct cv` runs it so far (its audit applies it); a model trained with
   # it cannot score uncropped images, so evaluate, export and predict refuse its runs.
   lung_crop: str = ""
+  # The sources trained on (covid_ct builder configs), each from its own train split (or train + validation, or
+  # cross-validation's folds). With more than one, every epoch samples them (covidct.data.Mix): each source with its
+  # weight in `source_weights` (same order; empty: equal shares), its classes in equal shares with `class_balance`
+  # (then the loss's class_weight is not applied: the sampling balances), `epoch_images` images an epoch (0: as many
+  # as the sources hold). `slices_per_patient` > 0 keeps at most that many training images of each patient, drawn
+  # once from `seed` (CC-CCII has up to ~100 slices of one patient).
+  sources: tuple[str, ...] = ("covid_ct",)
+  source_weights: tuple[float, ...] = ()
+  class_balance: bool = True
+  epoch_images: int = 0
+  slices_per_patient: int = 0
 
   def __post_init__(self):
     for name in ("image_size", "batch_size", "epochs"):
@@ -131,6 +142,28 @@ class TrainConfig:
       raise CovidctError(f"lung_crop must be one of {', '.join(LUNG_CROPS)} (or empty for none), got {self.lung_crop!r}.")
     if self.monitor not in ("val_auc", "val_loss"):
       raise CovidctError(f"monitor must be 'val_auc' or 'val_loss', got {self.monitor!r}.")
+    from covidct.dataset import EXTERNAL_ONLY, SOURCES  # pylint: disable=import-outside-toplevel
+
+    sources = tuple(self.sources) if isinstance(self.sources, (list, tuple)) else ()
+    if not sources or len(set(sources)) != len(sources) or any(s not in SOURCES for s in sources):
+      raise CovidctError(f"sources must name different sources among {', '.join(SOURCES)}, got {self.sources!r}.")
+    external = [s for s in sources if s in EXTERNAL_ONLY]
+    if external:
+      raise CovidctError(f"{', '.join(external)} is an external test site (a test split only): it cannot be trained "
+                         "on; train on covid_ct and/or cc_ccii.")
+    object.__setattr__(self, "sources", sources)
+    weights = tuple(float(w) for w in self.source_weights)
+    if weights and (len(weights) != len(sources) or any(not w > 0 for w in weights)):
+      raise CovidctError(f"source_weights needs one weight > 0 per source ({', '.join(sources)}), got {weights}.")
+    if weights and abs(sum(weights) - 1) > 1e-6:
+      weights = tuple(w / sum(weights) for w in weights)
+    if not weights and len(sources) > 1:  # equal shares, written out so that config.json records them
+      weights = tuple(1 / len(sources) for _ in sources)
+    object.__setattr__(self, "source_weights", weights)
+    for name in ("epoch_images", "slices_per_patient"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CovidctError(f"{name} must be an integer >= 0 (0: all), got {value!r}.")
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2)
@@ -140,6 +173,9 @@ class TrainConfig:
     d = dict(d)
     if d.get("augment") is not None:
       d["augment"] = AugmentConfig(**d["augment"])
+    for name in ("sources", "source_weights"):  # JSON lists
+      if isinstance(d.get(name), list):
+        d[name] = tuple(d[name])
     return cls(**d)
 
 
@@ -212,12 +248,28 @@ def config_from_options(recipe: str = "default", *, augment: bool | None = None,
                         resolution: float | None = None, contrast: float | None = None,
                         brightness: float | None = None, weights: str | None = None,
                         fine_tune_from: int | str | None = None, resize_methods: bool | None = None,
-                        jpeg_quality: int | None = None, **overrides) -> TrainConfig:
+                        jpeg_quality: int | None = None, sources: str | tuple | None = None,
+                        source_weights: str | tuple | None = None, **overrides) -> TrainConfig:
   """The TrainConfig that `covidct train` / `covidct cv` options describe: the recipe, with every option given (not
   None) replacing its value. `augment` turns the recipe's augmentation on (the article's) or off; noise, resolution,
   contrast and brightness change it and need it on; `weights` is 'imagenet', 'none' or a weights file;
-  `fine_tune_from` a layer index or name (digits are an index). Raises CovidctError on any bad value."""
+  `fine_tune_from` a layer index or name (digits are an index); `sources` and `source_weights` comma-separated
+  lists. Raises CovidctError on any bad value."""
   import os  # pylint: disable=import-outside-toplevel
+
+  from covidct.dataset import parse_sources  # pylint: disable=import-outside-toplevel
+
+  if isinstance(sources, str):
+    overrides["sources"] = parse_sources(sources, allow_all=False)
+  elif sources is not None:
+    overrides["sources"] = tuple(sources)
+  if isinstance(source_weights, str):
+    try:
+      overrides["source_weights"] = tuple(float(w) for w in source_weights.split(","))
+    except ValueError:
+      raise CovidctError(f"--source-weights takes comma-separated numbers, got {source_weights!r}.") from None
+  elif source_weights is not None:
+    overrides["source_weights"] = tuple(source_weights)
 
   from covidct.models import MODELS  # pylint: disable=import-outside-toplevel
 

@@ -125,15 +125,25 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
   refuse_existing(out, overwrite)
   if not 0 < target_sensitivity <= 1:
     raise CovidctError(f"target sensitivity must be in (0, 1], got {target_sensitivity}.")
-  meta = split_labels(CV_SPLIT, cfg.data_dir)
-  fold_of = make_folds(meta["labels"], meta["patient_ids"], k, fold_seed)
-  fold_patients = [sorted(set(meta["patient_ids"][fold_of == i])) for i in range(k)]
+  view = tuple(Selection(CV_SPLIT, source=source) for source in cfg.sources)
+  meta = split_labels(view, cfg.data_dir)
+  # Several sources: patients are grouped per source (ids of two sources never meet), and folds are stratified by
+  # source and class together, so every fold holds each source's classes in their shares.
+  keys = np.array([f"{s}/{p}" for s, p in zip(meta["sources"], meta["patient_ids"])])
+  strata = meta["labels"] + 2 * np.array([cfg.sources.index(s) for s in meta["sources"]])
+  fold_of = make_folds(strata, keys, k, fold_seed)
+  by_source = [{s: tuple(sorted(set(meta["patient_ids"][(fold_of == i) & (meta["sources"] == s)])))
+                for s in cfg.sources} for i in range(k)]
+  fold_patients = [sorted(set(keys[fold_of == i])) if len(cfg.sources) > 1 else list(by_source[i][cfg.sources[0]])
+                   for i in range(k)]
   cfg = dataclasses.replace(cfg, patience=0)  # 0: no early stopping (see TrainConfig / train)
   deadline = time.time() + 60 * max_minutes if max_minutes else None
   with atomic_dir(out, overwrite) as tmp:
     (tmp / "config.json").write_text(cfg.to_json())
     (tmp / "folds.json").write_text(json.dumps({
-        "split": CV_SPLIT, "k": k, "seed": fold_seed, "grouped_by": "patient_id", "stratified_by": "label",
+        "split": CV_SPLIT, "sources": list(cfg.sources), "k": k, "seed": fold_seed,
+        "grouped_by": "patient_id" if len(cfg.sources) == 1 else "source/patient_id",
+        "stratified_by": "label" if len(cfg.sources) == 1 else "source and label",
         "folds": [{"fold": i, "patients": fold_patients[i], "filenames": sorted(meta["filenames"][fold_of == i]),
                    "examples": int(np.sum(fold_of == i)), "positives": int(meta["labels"][fold_of == i].sum())}
                   for i in range(k)]}, indent=2))
@@ -144,9 +154,10 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
       if deadline is not None and time.time() > deadline:
         stopped.append(i)
         continue
-      held_out = Selection(CV_SPLIT, tuple(fold_patients[i]))
+      held_out = tuple(Selection(CV_SPLIT, by_source[i][s], source=s) for s in cfg.sources)
       # keep="last": the fold's model is the whole schedule, never an epoch picked on its held-out patients
-      summary = train(cfg, tmp / f"fold_{i}", verbose=verbose, train_data=dataclasses.replace(held_out, exclude=True),
+      summary = train(cfg, tmp / f"fold_{i}", verbose=verbose,
+                      train_data=tuple(dataclasses.replace(h, exclude=True) for h in held_out),
                       validation_data=held_out, deadline=deadline, keep="last")
       if summary["stopped"]:
         stopped.append(i)
@@ -166,15 +177,16 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
     result.update(k=k, fold_seed=fold_seed, finished_folds=finished, stopped_folds=stopped,
                   train_minutes={"mean": float(np.mean(times) / 60), "total": float(np.sum(times) / 60)},
                   wall_minutes=(time.time() - start) / 60, recipe=cfg.recipe, model=cfg.model,
-                  image_size=cfg.image_size, seed=cfg.seed)
+                  image_size=cfg.image_size, seed=cfg.seed, sources=list(cfg.sources))
     if audit:
-      result["audit"] = out_of_fold_audit(tmp, result["folds"], cfg.data_dir, progress=progress)
+      result["audit"] = out_of_fold_audit(tmp, result["folds"], cfg.data_dir, progress=progress, sources=cfg.sources)
     (tmp / "cv.json").write_text(json.dumps(result, indent=2))
     (tmp / "cv.md").write_text(markdown(result))
   return result
 
 
-def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool = True) -> dict:
+def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool = True,
+                      sources: tuple[str, ...] = ("covid_ct",)) -> dict:
   """The shortcut audit and the resize skew of each fold's model on its held-out patients, pooled over the folds.
 
   What the test split's audit (covidct.audit) asks of one model, asked of the options that cross-validation
@@ -191,6 +203,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
     folds: the per-fold figures of fold_summary, whose "fold" and "threshold" say which folds to audit and where.
     data_dir: the TFDS data dir the folds were read from.
     progress: a progress bar over the folds.
+    sources: the sources cross-validated (their train + validation splits).
 
   Returns:
     {"roc_auc": {input: {"mean", "sd"}}, "per_fold": [...], "resize_agreement": {method: share},
@@ -200,7 +213,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
 
   # pylint: disable=import-outside-toplevel
   from covidct.audit import AUDIT_INPUTS, crop_to_lungs, lung_masks, masked_scores, statistics_auc
-  from covidct.data import CONSUMER_RESIZES, TRAINING_RESIZE, consumer_resize, raw_arrays
+  from covidct.data import CONSUMER_RESIZES, TRAINING_RESIZE, Selection, consumer_resize, raw_arrays
   from covidct.runners import SavedModelRunner
 
   cv_dir = pathlib.Path(cv_dir)
@@ -211,7 +224,7 @@ def out_of_fold_audit(cv_dir, folds: list[dict], data_dir=None, progress: bool =
     return np.stack([crop_to_lungs(im, m, keep=lung_crop) for im, m in zip(images, masks)])
 
   fold_files = [set(f["filenames"]) for f in json.loads((cv_dir / "folds.json").read_text())["folds"]]
-  raw = raw_arrays(CV_SPLIT, data_dir)
+  raw = raw_arrays(tuple(Selection(CV_SPLIT, source=s) for s in sources), data_dir)
   fold_of = np.array([next(i for i, files in enumerate(fold_files) if name in files) for name in raw["filenames"]])
   per_fold, agree, without = [], {m: 0 for m in CONSUMER_RESIZES}, 0
   for f in tqdm(folds, desc="out-of-fold audit", unit="fold", disable=not progress):

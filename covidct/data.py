@@ -195,57 +195,172 @@ def build_augmenter(cfg: AugmentConfig, seed: int):
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-  """Some of the dataset's examples: a TFDS split expression (e.g. 'train+validation'), kept whole, or only the
-  examples of the listed patients, or (with `exclude`) all but theirs. Cross-validation folds are selections."""
+  """Some of one source's examples: a TFDS split expression (e.g. 'train+validation') of the `source` builder config,
+  kept whole, or only the examples of the listed patients, or (with `exclude`) all but theirs; optionally only the
+  listed file names (`files`: slices_per_patient's pick) and only one class (`label`). Cross-validation folds are
+  selections. Several sources are read together as a tuple of selections (a view), one per source."""
 
   split: str
   patients: tuple[str, ...] | None = None
   exclude: bool = False
+  source: str = "covid_ct"
+  files: tuple[str, ...] | None = None
+  label: int | None = None
 
   def __str__(self) -> str:
-    if self.patients is None:
-      return self.split
-    return f"{self.split} {'without' if self.exclude else 'only'} {len(self.patients)} patients"
+    text = self.split if self.source == "covid_ct" else f"{self.source}:{self.split}"
+    if self.patients is not None:
+      text = f"{text} {'without' if self.exclude else 'only'} {len(self.patients)} patients"
+    if self.files is not None:
+      text += f" ({len(self.files)} files)"
+    return text if self.label is None else f"{text}, label {self.label}"
+
+
+View = "str | Selection | tuple[Selection, ...]"
+
+
+def as_selections(split) -> tuple[Selection, ...]:
+  """A split name, a Selection or a tuple of them (a view over several sources) as a tuple of Selections."""
+  if isinstance(split, Selection):
+    return (split,)
+  if isinstance(split, str):
+    return (Selection(split),)
+  return tuple(s if isinstance(s, Selection) else Selection(s) for s in split)
+
+
+def describe_view(split) -> str:
+  return " + ".join(str(s) for s in as_selections(split))
 
 
 def _select(ds: tf.data.Dataset, selection: "Selection") -> tf.data.Dataset:
-  if selection.patients is None:
-    return ds
-  if not selection.patients:
-    return ds if selection.exclude else ds.take(0)
-  patients = tf.constant(sorted(selection.patients), tf.string)
-
   def keep(e):
-    hit = tf.reduce_any(tf.equal(patients, e["patient_id"]))
-    return tf.logical_not(hit) if selection.exclude else hit
+    ok = tf.constant(True)
+    if selection.label is not None:
+      ok = tf.logical_and(ok, tf.equal(e["label"], selection.label))
+    if selection.patients is not None:
+      patients = tf.constant(sorted(selection.patients) or [""], tf.string)
+      hit = tf.logical_and(tf.reduce_any(tf.equal(patients, e["patient_id"])), bool(selection.patients))
+      ok = tf.logical_and(ok, tf.logical_not(hit) if selection.exclude else hit)
+    if selection.files is not None:
+      files = tf.constant(sorted(selection.files) or [""], tf.string)
+      ok = tf.logical_and(ok, tf.logical_and(tf.reduce_any(tf.equal(files, e["filename"])), bool(selection.files)))
+    return ok
 
+  if selection.patients is None and selection.files is None and selection.label is None:
+    return ds
   return ds.filter(keep)
 
 
-def load_split(split: "str | Selection", data_dir: str | None, image_size: int,
+_COMMON_KEYS = ("image", "label", "patient_id", "filename", "dataset")  # what every config's examples hold
+
+
+def _source_dataset(selection: Selection, data_dir) -> tf.data.Dataset:
+  """One selection's examples with the keys every config shares (the image still encoded as stored)."""
+  builder = load_builder(data_dir, selection.source)
+  ds = builder.as_dataset(split=selection.split, shuffle_files=False)
+  return _select(ds.map(lambda e: {k: e[k] for k in _COMMON_KEYS}), selection)
+
+
+def load_split(split: View, data_dir: str | None, image_size: int,
                with_meta: bool = False, variants: bool = False) -> tf.data.Dataset:
-  """Resized (uint8) examples of one split (or Selection): (image, label) or, with_meta, dicts with patient_id and
-  filename. With `variants`, each image is (len(RESIZE_VARIANTS), size, size, 1): every resize method."""
-  selection = split if isinstance(split, Selection) else Selection(split)
-  builder = load_builder(data_dir)
-  ds = _select(builder.as_dataset(split=selection.split, shuffle_files=False), selection)
-  if selection.patients is not None:  # a filter hides the size, which Keras wants to know for its epochs
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(split_labels(selection, data_dir)["labels"])))
+  """Resized (uint8) examples of one split, Selection or view (several sources, one after another): (image, label)
+  or, with_meta, dicts with patient_id, filename and dataset. With `variants`, each image is
+  (len(RESIZE_VARIANTS), size, size, 1): every resize method."""
+  selections = as_selections(split)
+  ds = None
+  for selection in selections:
+    part = _source_dataset(selection, data_dir)
+    ds = part if ds is None else ds.concatenate(part)
+  if any(s.patients is not None or s.files is not None or s.label is not None for s in selections):
+    # a filter hides the size, which Keras wants to know for its epochs
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(split_labels(selections, data_dir)["labels"])))
 
   def prep(e):
     out = {"image": (resize_variants if variants else resize_image)(e["image"], image_size), "label": e["label"]}
     if with_meta:
-      out.update(patient_id=e["patient_id"], filename=e["filename"])
+      out.update(patient_id=e["patient_id"], filename=e["filename"], dataset=e["dataset"])
       return out
     return out["image"], out["label"]
 
   return ds.map(prep, num_parallel_calls=AUTOTUNE)
 
 
-def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
+@dataclasses.dataclass(frozen=True)
+class Mix:
+  """How training samples several sources: each source's share of the training images (`weights`, summing to 1),
+  each source's classes in equal shares (`class_balance`) or as they come, and `epoch_images` images an epoch.
+  covidct.train builds it from the TrainConfig and records `plan()` in the run's history.json."""
+
+  weights: dict[str, float]
+  class_balance: bool = True
+  epoch_images: int = 0
+
+  def __post_init__(self):
+    from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+
+    if not self.weights or any(not w > 0 for w in self.weights.values()):
+      raise CovidctError(f"every mixed source needs a weight > 0, got {self.weights}.")
+    if abs(sum(self.weights.values()) - 1) > 1e-6:
+      raise CovidctError(f"source weights must sum to 1, got {self.weights}.")
+    if self.epoch_images < 0:
+      raise CovidctError(f"epoch_images must be zero (all the training images) or more, got {self.epoch_images}.")
+
+  def streams(self, selections: tuple[Selection, ...], data_dir) -> list[tuple[Selection, float, int]]:
+    """(selection of one source and class, probability of drawing from it, images in it) for every stream."""
+    out = []
+    for sel in selections:
+      labels = split_labels(sel, data_dir)["labels"]
+      counts = np.bincount(labels, minlength=2)
+      for c in (0, 1):
+        if counts[c]:
+          share = 0.5 if self.class_balance else counts[c] / len(labels)
+          out.append((dataclasses.replace(sel, label=c), self.weights[sel.source] * share, int(counts[c])))
+    total = sum(p for _, p, _ in out)  # a source with one class only gives that class the source's whole weight
+    return [(sel, p / total, n) for sel, p, n in out]
+
+  def plan(self, selections: tuple[Selection, ...], data_dir) -> dict:
+    streams = self.streams(selections, data_dir)
+    images = sum(n for _, _, n in streams)
+    return {"weights": dict(self.weights), "class_balance": self.class_balance,
+            "epoch_images": self.epoch_images or images,
+            "streams": [{"source": sel.source, "selection": str(dataclasses.replace(sel, label=None)),
+                         "class": ("NonCOVID", "COVID")[sel.label], "images": n, "probability": round(p, 6)}
+                        for sel, p, n in streams]}
+
+
+def mix_of(cfg) -> Mix | None:
+  """How a TrainConfig samples its sources, or None for one source (read as it is)."""
+  if len(cfg.sources) < 2:
+    return None
+  return Mix(dict(zip(cfg.sources, cfg.source_weights)), cfg.class_balance, cfg.epoch_images)
+
+
+def training_view(cfg, split) -> tuple[Selection, ...]:
+  """The selections a TrainConfig trains on for `split` (a split name such as 'train+validation', or the view of a
+  cross-validation fold): the split of every source in cfg.sources, each cut to cfg.slices_per_patient."""
+  selections = tuple(Selection(split, source=s) for s in cfg.sources) if isinstance(split, str) \
+      else as_selections(split)
+  if cfg.slices_per_patient:
+    selections = tuple(cap_slices(s, cfg.data_dir, cfg.slices_per_patient, cfg.seed) for s in selections)
+  return selections
+
+
+def _prepared(selection, data_dir, image_size, variants: bool, lung_crop: str, cache: bool) -> tf.data.Dataset:
+  """(image, label) of one selection: resized (or every resize variant), cut to the lungs with `lung_crop`, cached."""
+  ds = load_split(selection, data_dir, image_size, variants=variants)
+  if lung_crop:
+    from covidct.audit import crop_to_lungs  # pylint: disable=import-outside-toplevel
+
+    crop = lambda image: crop_to_lungs(image, keep=lung_crop)  # noqa: E731
+    ds = ds.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(crop, [x], tf.uint8, stateful=False),
+                                              (image_size, image_size, 1)), y), num_parallel_calls=AUTOTUNE)
+  return ds.cache() if cache else ds
+
+
+def build_inputs(split: View, *, data_dir: str | None = None, image_size: int = 248, batch_size: int = 32,
                  training: bool = False, augment: AugmentConfig | None = None, seed: int = 0,
                  shuffle_buffer: int = 1024, cache: bool = True, drop_remainder: bool = False,
-                 mixup: float = 0.0, lung_crop: str = "") -> tf.data.Dataset:
+                 mixup: float = 0.0, lung_crop: str = "", mix: Mix | None = None) -> tf.data.Dataset:
   """Batches of (float32 images in [0, 255], float32 labels) for Keras.
 
   Decode and resize run in parallel and are cached; training shuffles (seeded) and, with `augment`, applies the
@@ -253,23 +368,26 @@ def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image
   batch full (what a multi-replica strategy needs for training). `mixup` > 0 mixes each training batch after its
   augmentation (`mixup_batch`, alpha = `mixup`): its labels become soft. `lung_crop` ('field' or 'box') cuts every
   image (training and evaluation) down to its lung field first (covidct.audit.crop_to_lungs), before the cache.
+  With `mix` (training on a view of several sources), every source and class is a cached, endlessly shuffled
+  stream, and each epoch draws `mix.epoch_images` images from them with the probabilities of `Mix.streams`.
   """
   variants = bool(training and augment is not None and augment.resize_methods)
   if variants and lung_crop:
     from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
 
     raise CovidctError("--lung-crop and --resize-methods cannot be combined yet; choose one.")
-  ds = load_split(split, data_dir, image_size, variants=variants)
-  if lung_crop:
-    from covidct.audit import crop_to_lungs  # pylint: disable=import-outside-toplevel
-
-    crop = lambda image: crop_to_lungs(image, keep=lung_crop)  # noqa: E731
-    ds = ds.map(lambda x, y: (tf.ensure_shape(tf.numpy_function(crop, [x], tf.uint8, stateful=False),
-                                              (image_size, image_size, 1)), y), num_parallel_calls=AUTOTUNE)
-  if cache:
-    ds = ds.cache()
-  if training:
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if training and mix is not None:
+    streams = mix.streams(as_selections(split), data_dir)
+    parts = [_prepared(sel, data_dir, image_size, variants, lung_crop, cache)
+             .repeat().shuffle(min(shuffle_buffer, n), seed=seed + i, reshuffle_each_iteration=True)
+             for i, (sel, _, n) in enumerate(streams)]
+    epoch = mix.epoch_images or sum(n for _, _, n in streams)
+    ds = tf.data.Dataset.sample_from_datasets(parts, weights=[p for _, p, _ in streams], seed=seed,
+                                              rerandomize_each_iteration=True).take(epoch)
+  else:
+    ds = _prepared(split, data_dir, image_size, variants, lung_crop, cache)
+    if training:
+      ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   if variants:  # one resize method per image, drawn anew every epoch from a seeded stream
     picks = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip((ds, picks)).map(
@@ -300,8 +418,23 @@ def build_inputs(split: "str | Selection", *, data_dir: str | None = None, image
   return ds.prefetch(AUTOTUNE)
 
 
-def split_arrays(split: "str | Selection", data_dir: str | None, image_size: int) -> dict[str, np.ndarray]:
-  """A whole split as numpy: images (N, size, size, 1) uint8, labels, patient ids, file names."""
+def cap_slices(selection: Selection, data_dir, per_patient: int, seed: int = 0) -> Selection:
+  """`selection` with at most `per_patient` images of each patient, drawn once from `seed` (the same pick on every
+  machine); the selection itself when no patient has more."""
+  meta = split_labels(selection, data_dir)
+  rng = np.random.default_rng(seed)
+  keep = []
+  for pid in sorted(set(meta["patient_ids"])):
+    names = sorted(meta["filenames"][meta["patient_ids"] == pid])
+    keep += names if len(names) <= per_patient else [names[i] for i in sorted(rng.permutation(len(names))[:per_patient])]
+  if len(keep) == len(meta["filenames"]):
+    return selection
+  return dataclasses.replace(selection, files=tuple(sorted(keep)))
+
+
+def split_arrays(split: View, data_dir: str | None, image_size: int) -> dict[str, np.ndarray]:
+  """A whole split (or Selection, or view) as numpy: images (N, size, size, 1) uint8, labels, patient ids, file
+  names and the source of each."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   rows = list(tfds.as_numpy(load_split(split, data_dir, image_size, with_meta=True)))
@@ -310,52 +443,105 @@ def split_arrays(split: "str | Selection", data_dir: str | None, image_size: int
       "labels": np.array([int(r["label"]) for r in rows], dtype=np.int64),
       "patient_ids": np.array([r["patient_id"].decode() for r in rows]),
       "filenames": np.array([r["filename"].decode() for r in rows]),
+      "sources": np.array([r["dataset"].decode() for r in rows]),
   }
 
 
-def split_labels(split: "str | Selection", data_dir: str | None) -> dict[str, np.ndarray]:
-  """Labels, patient ids and file names of a split (or Selection), without decoding any image."""
+def split_labels(split: View, data_dir: str | None) -> dict[str, np.ndarray]:
+  """Labels, patient ids, file names and sources of a split (or Selection, or view), without decoding any image."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  selection = split if isinstance(split, Selection) else Selection(split)
-  ds = load_builder(data_dir).as_dataset(split=selection.split, shuffle_files=False,
-                                         decoders={"image": tfds.decode.SkipDecoding()})
-  ds = _select(ds.map(lambda e: {k: e[k] for k in ("label", "patient_id", "filename")}), selection)
-  rows = list(tfds.as_numpy(ds))
+  rows = []
+  for selection in as_selections(split):
+    ds = load_builder(data_dir, selection.source).as_dataset(
+        split=selection.split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = _select(ds.map(lambda e: {k: e[k] for k in ("label", "patient_id", "filename", "dataset")}), selection)
+    rows += list(tfds.as_numpy(ds))
   return {
       "labels": np.array([int(r["label"]) for r in rows], dtype=np.int64),
       "patient_ids": np.array([r["patient_id"].decode() for r in rows]),
       "filenames": np.array([r["filename"].decode() for r in rows]),
+      "sources": np.array([r["dataset"].decode() for r in rows]),
   }
 
 
-def raw_arrays(split: "str | Selection", data_dir: str | None) -> dict:
+def raw_arrays(split: View, data_dir: str | None) -> dict:
   """A split's images as stored (original sizes, (H, W, 1) uint8, in a list), with labels and file names."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  selection = split if isinstance(split, Selection) else Selection(split)
-  ds = _select(load_builder(data_dir).as_dataset(split=selection.split, shuffle_files=False), selection)
-  rows = list(tfds.as_numpy(ds.map(lambda e: {k: e[k] for k in ("image", "label", "filename", "patient_id")})))
+  rows = []
+  for selection in as_selections(split):
+    rows += list(tfds.as_numpy(_source_dataset(selection, data_dir)))
   return {"images": [r["image"] for r in rows], "labels": np.array([int(r["label"]) for r in rows], np.int64),
           "filenames": np.array([r["filename"].decode() for r in rows])}
 
 
-def write_arrays(out_dir, splits, image_size: int, data_dir=None, overwrite: bool = False) -> list[tuple[str, int, int]]:
-  """Writes each split as OUT/SPLIT.npz (split_arrays: images, labels, patient ids, file names), atomically; returns
-  (split, images, COVID images) for each."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalSet:
+  """One source's split as every evaluation step reads it: resized images, labels, patients, file names, the
+  source, and (for the shortcut audit) the images as stored. Loaded once per run (`eval_set`) and handed on."""
+
+  source: str
+  split: str
+  image_size: int
+  images: np.ndarray
+  labels: np.ndarray
+  patient_ids: np.ndarray
+  filenames: np.ndarray
+  raw: list | None = None
+
+  def arrays(self) -> dict:
+    """As split_arrays gives it."""
+    return {"images": self.images, "labels": self.labels, "patient_ids": self.patient_ids,
+            "filenames": self.filenames, "sources": np.full(len(self.labels), self.source)}
+
+  def raw_arrays(self) -> dict:
+    """As raw_arrays gives it."""
+    return {"images": self.raw, "labels": self.labels, "filenames": self.filenames}
+
+
+_EVAL_SETS: dict = {}
+
+
+def eval_set(source: str, split: str, image_size: int, data_dir=None, raw: bool = False) -> EvalSet:
+  """The EvalSet of one source's split, read once per process: every later call with the same arguments (evaluate,
+  the audit, export's parity, push, bench in one run) gets the same object. Its arrays are read-only."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  key = (os.path.abspath(data_dir) if data_dir else None, source, split, image_size)
+  found = _EVAL_SETS.get(key)
+  if found is not None and (found.raw is not None or not raw):
+    return found
+  arrays = split_arrays(Selection(split, source=source), data_dir, image_size)
+  stored = raw_arrays(Selection(split, source=source), data_dir)["images"] if raw else None
+  for a in arrays.values():
+    a.setflags(write=False)
+  found = EvalSet(source, split, image_size, arrays["images"], arrays["labels"], arrays["patient_ids"],
+                  arrays["filenames"], stored)
+  _EVAL_SETS[key] = found
+  return found
+
+
+def write_arrays(out_dir, splits, image_size: int, data_dir=None, overwrite: bool = False,
+                 source: str = "covid_ct") -> list[tuple[str, int, int]]:
+  """Writes each split of `source` as OUT/SPLIT.npz (split_arrays: images, labels, patient ids, file names,
+  sources), atomically; returns (split, images, COVID images) for each."""
   from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
   from covidct.fsutil import atomic_dir, refuse_existing  # pylint: disable=import-outside-toplevel
 
   names = [s.strip() for s in splits if s.strip()]
-  bad = [s for s in names if s not in ("train", "validation", "test")]
+  from covidct.dataset import SOURCE_SPLITS  # pylint: disable=import-outside-toplevel
+
+  bad = [s for s in names if s not in SOURCE_SPLITS[source]]
   if bad or not names:
-    raise CovidctError(f"--split takes train, validation and/or test, got {','.join(splits)!r}.")
+    takes = "train, validation and/or test" if len(SOURCE_SPLITS[source]) == 3 else f"test ({source} has no other)"
+    raise CovidctError(f"--split takes {takes}, got {','.join(splits)!r}.")
   refuse_existing(out_dir, overwrite)
-  load_builder(data_dir)  # a clear error before anything is written when the dataset is missing
+  load_builder(data_dir, source)  # a clear error before anything is written when the dataset is missing
   done = []
   with atomic_dir(out_dir, overwrite) as tmp:
     for name in names:
-      arrays = split_arrays(name, data_dir, image_size)
+      arrays = split_arrays(Selection(name, source=source), data_dir, image_size)
       np.savez_compressed(tmp / f"{name}.npz", **arrays)
       done.append((name, len(arrays["labels"]), int(arrays["labels"].sum())))
   return done

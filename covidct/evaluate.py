@@ -18,20 +18,22 @@ from covidct.reporting import fmt_ci
 
 def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_dir=None, split: str = "test",
              target_sensitivity: float = TARGET_SENSITIVITY, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-             arrays: dict | None = None, shortcut_audit: bool = False, threshold: dict | None = None) -> dict:
-  """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split`, with the threshold chosen on validation.
+             arrays: dict | None = None, shortcut_audit: bool = False, threshold: dict | None = None,
+             source: str = "covid_ct") -> dict:
+  """Scores `predict` (uint8 (N, S, S, 1) -> P(COVID)) on `split` of `source`, with the threshold chosen on its
+  validation split.
 
   `arrays` may hold preloaded {'validation': split_arrays(...), split: split_arrays(...)} to score many models
   on the same images without reading the dataset again. `shortcut_audit` adds covidct.audit's figures.
   `threshold` ({'value', 'chosen_on'}) fixes the operating threshold instead: a model trained on validation too
   takes the one its cross-validation chose on out-of-fold probabilities.
   """
-  from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.data import eval_set  # pylint: disable=import-outside-toplevel
 
   arrays = dict(arrays or {})
   for s in {"validation", split}:
     if s not in arrays:
-      arrays[s] = split_arrays(s, data_dir, image_size)
+      arrays[s] = eval_set(source, s, image_size, data_dir).arrays()
   val = arrays["validation"]
   val_p = np.asarray(predict(val["images"]), dtype=np.float64).reshape(-1)
   chosen_on = "validation"
@@ -42,7 +44,7 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
   data = arrays[split]
   p = val_p if split == "validation" else np.asarray(predict(data["images"]), dtype=np.float64).reshape(-1)
   report = {
-      "split": split, "examples": int(len(p)), "positives": int(data["labels"].sum()),
+      "split": split, "source": source, "examples": int(len(p)), "positives": int(data["labels"].sum()),
       "patients": int(len(np.unique(data["patient_ids"]))),
       "threshold": {"value": threshold, "target_sensitivity": target_sensitivity, "chosen_on": chosen_on,
                     "validation_sensitivity": threshold_metrics(val["labels"], val_p, threshold)["sensitivity"]},
@@ -53,12 +55,91 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
   }
   if shortcut_audit:
     from covidct.audit import audit  # pylint: disable=import-outside-toplevel
-    from covidct.data import raw_arrays  # pylint: disable=import-outside-toplevel
+    from covidct.data import Selection, raw_arrays  # pylint: disable=import-outside-toplevel
 
-    raw_train = raw_arrays("train", data_dir)
-    report["shortcut_audit"] = audit(predict, data, raw_train,
-                                     raw_train if split == "train" else raw_arrays(split, data_dir))
+    raw_train = raw_arrays(Selection("train", source=source), data_dir)
+    report["shortcut_audit"] = audit(predict, data, raw_train, raw_train if split == "train"
+                                     else eval_set(source, split, image_size, data_dir, raw=True).raw_arrays())
   return report
+
+
+def evaluate_sources(predict: Callable[[np.ndarray], np.ndarray], image_size: int, threshold: dict, data_dir=None,
+                     sources=None, trained_on=None, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                     shortcut_audit: bool = True, progress=None) -> dict:
+  """Every source's test split side by side, at one operating threshold: how far a model holds up beyond the
+  source it learned from.
+
+  Args:
+    predict: uint8 (N, S, S, 1) -> P(COVID).
+    image_size: S.
+    threshold: {'value', 'chosen_on' or 'from'}: the model's operating threshold.
+    data_dir: the TFDS data dir; sources not prepared there are left out (and named in 'missing').
+    sources: the sources to score (default: every source; those not prepared are listed as missing).
+    trained_on: the sources the model trained on (a source not among them is labelled external); None: unknown.
+    n_boot, seed: bootstrap over patients for the CIs.
+    shortcut_audit: each source's shortcut audit (covidct.audit), with the image-statistics baseline fitted on the
+      source's own train split where it has one.
+    progress: called with one line per source.
+
+  Returns:
+    {'threshold', 'trained_on', 'rows': [{'source', 'external', 'examples', 'positives', 'patients', 'roc_auc',
+     'ci95', 'at_threshold', 'shortcut_audit'}], 'missing': [sources not prepared]}.
+  """
+  from covidct.audit import audit  # pylint: disable=import-outside-toplevel
+  from covidct.data import Selection, eval_set, raw_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.dataset import SOURCE_SPLITS, SOURCES, prepared_sources  # pylint: disable=import-outside-toplevel
+
+  wanted = tuple(sources or SOURCES)
+  ready = prepared_sources(data_dir)
+  rows = []
+  for source in (s for s in wanted if s in ready):
+    if progress is not None:
+      progress(f"    {source} test split")
+    data = eval_set(source, "test", image_size, data_dir, raw=shortcut_audit)
+    p = np.asarray(predict(data.images), dtype=np.float64).reshape(-1)
+    row = {"source": source, "external": None if trained_on is None else source not in trained_on,
+           "examples": int(len(p)), "positives": int(data.labels.sum()),
+           "patients": int(len(np.unique(data.patient_ids))),
+           **evaluate_probabilities(data.labels, p, data.patient_ids, float(threshold["value"]), n_boot=n_boot,
+                                    seed=seed)}
+    if shortcut_audit:
+      raw_train = raw_arrays(Selection("train", source=source), data_dir) if "train" in SOURCE_SPLITS[source] else None
+      row["shortcut_audit"] = audit(predict, data.arrays(), raw_train, data.raw_arrays() if raw_train else None)
+    rows.append(row)
+  return {"threshold": dict(threshold), "trained_on": list(trained_on) if trained_on is not None else None,
+          "rows": rows, "missing": [s for s in wanted if s not in ready]}
+
+
+def sources_markdown(result: dict, heading: str = "## Every source's test split") -> str:
+  """The per-source table (and the sources not prepared), as a report section."""
+  from covidct.dataset import SOURCE_TITLES  # pylint: disable=import-outside-toplevel
+  from covidct.reporting import table  # pylint: disable=import-outside-toplevel
+
+  t = result["threshold"]
+  where = t.get("from") or t.get("chosen_on", "")
+
+  def role(row):
+    return {None: "-", True: "**external**", False: "trained on"}[row["external"]]
+
+  def audit(row, key):
+    a = row.get("shortcut_audit")
+    return f"{a['roc_auc'][key]:.3f}" if a else "-"
+
+  rows = [(f"`{r['source']}` {SOURCE_TITLES.get(r['source'], '')}", role(r), f"{r['examples']} ({r['positives']})",
+           r["patients"], fmt_ci(r["roc_auc"], r.get("ci95", {}).get("roc_auc")),
+           fmt_ci(r["at_threshold"]["sensitivity"], r.get("ci95", {}).get("sensitivity")),
+           fmt_ci(r["at_threshold"]["specificity"], r.get("ci95", {}).get("specificity")),
+           audit(r, "lungs_hidden"), audit(r, "lungs_only")) for r in result["rows"]]
+  lines = [heading, "",
+           f"At the operating threshold {t['value']:.4f} ({where}); 95% CIs by bootstrap over patients. Shortcut "
+           "audit: ROC AUC with the lung field hidden (a model that reads the lungs falls to about 0.5) and on the "
+           "lungs alone (it keeps its score).", "",
+           table(["source", "role", "images (COVID)", "patients", "ROC AUC (95% CI)", "sensitivity", "specificity",
+                  "lungs hidden", "lungs only"], rows, align="llrrrrrrr")]
+  if result.get("missing"):
+    lines += ["", "Not prepared in this data dir, so not scored: " + ", ".join(f"`{s}`" for s in result["missing"])
+              + " (`covidct data build --config all --manual-dir SOURCE=PATH ...`)."]
+  return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict, title: str = "Evaluation") -> str:
@@ -85,6 +166,8 @@ def markdown(report: dict, title: str = "Evaluation") -> str:
     from covidct.audit import markdown as audit_markdown  # pylint: disable=import-outside-toplevel
 
     lines += ["", audit_markdown(report["shortcut_audit"])]
+  if report.get("sources"):
+    lines += ["", sources_markdown(report["sources"]).rstrip()]
   return "\n".join(lines) + "\n"
 
 
@@ -216,7 +299,8 @@ def evaluate_folder(predict: Callable[[np.ndarray], np.ndarray], image_size: int
 
 def evaluate_models(models, *, split: str = "test", out_dir=None, target_sensitivity: float = TARGET_SENSITIVITY,
                     n_boot: int = BOOTSTRAP_RESAMPLES, tta: bool = False, folder=None, patients_csv=None,
-                    threshold: float | None = None, data_dir=None, overwrite: bool = False):
+                    threshold: float | None = None, data_dir=None, overwrite: bool = False, sources=None,
+                    progress=None):
   """`covidct evaluate`: scores one model (or the mean of several) on a split or on a labelled folder, writes the
   report folder, and returns (report, its folder, its title).
 
@@ -232,6 +316,9 @@ def evaluate_models(models, *, split: str = "test", out_dir=None, target_sensiti
     threshold: with `folder`, the operating threshold.
     data_dir: TFDS data dir.
     overwrite: replace an existing report folder.
+    sources: with the test split, the sources whose test splits the report puts side by side (default: every
+      source prepared in `data_dir`), at the model's own threshold where it has one, else the report's.
+    progress: called with one line per step.
   Raises:
     CovidctError: a bad option combination, an existing report folder, an unloadable model or unreadable images.
   """
@@ -259,8 +346,18 @@ def evaluate_models(models, *, split: str = "test", out_dir=None, target_sensiti
     report = evaluate_folder(runner, runner.image_size, folder, model_threshold(models[0], threshold),
                              patients_csv=patients_csv, n_boot=n_boot)
   else:
+    from covidct.modelio import trained_sources  # pylint: disable=import-outside-toplevel
+    from covidct.predict import model_threshold  # pylint: disable=import-outside-toplevel
+
+    trained = trained_sources(models[0]) if len(models) == 1 else None
+    first = (trained or ("covid_ct",))[0]
     report = evaluate(runner, runner.image_size, data_dir=data_dir, split=split,
-                      target_sensitivity=target_sensitivity, n_boot=n_boot, shortcut_audit=True)
+                      target_sensitivity=target_sensitivity, n_boot=n_boot, shortcut_audit=True, source=first)
+    if split == "test":
+      own = model_threshold(models[0]) if len(models) == 1 else {"from": "default"}
+      operating = own if not own["from"].startswith("default") else report["threshold"]
+      report["sources"] = evaluate_sources(runner, runner.image_size, operating, data_dir=data_dir, sources=sources,
+                                           trained_on=trained, n_boot=n_boot, progress=progress)
   report["model"] = [str(m) for m in models] if len(models) > 1 else str(path)
   report["test_time_augmentation"] = "horizontal flip" if tta else None
   title = (f"Evaluation of {' + '.join(pathlib.Path(m).name for m in models)}{' with flip TTA' if tta else ''}"

@@ -62,6 +62,32 @@ def trained_on(run_dir) -> str:
   return ""
 
 
+def trained_sources(model_path) -> tuple[str, ...] | None:
+  """The sources (covid_ct builder configs) a model trained on: from its training run's config.json (following a
+  quantization-aware or ensemble run to the run it came from), or from the training config in its export's
+  manifest; ('covid_ct',) for a config written before there were several; None when nothing says."""
+  path = pathlib.Path(model_path)
+  run = path if path.is_dir() else path.parent
+  for _ in range(4):
+    config = read_run_config(run) if (run / "config.json").is_file() else {}
+    if not config:
+      break
+    source = (config.get("source") or {}).get("run") if isinstance(config.get("source"), dict) else None
+    if source and "sources" not in config:
+      run = pathlib.Path(source)
+      continue
+    return tuple(config.get("sources") or ("covid_ct",))
+  from covidct.manifest import MANIFEST_FILE, Manifest  # pylint: disable=import-outside-toplevel
+
+  here = path.resolve() if path.is_dir() else path.resolve().parent
+  found = next((c for d in (here, here.parent) for c in (d / MANIFEST_FILE, d / "assets.extra" / MANIFEST_FILE)
+                if c.is_file()), None)
+  training = (Manifest.load(found).training_config or {}) if found else {}
+  if not training:
+    return None
+  return tuple(training.get("sources") or ("covid_ct",))
+
+
 def load_run_model(run_dir):
   """The Keras model of one `covidct train` (or `qat`, `ensemble`) output folder."""
   path = pathlib.Path(run_dir) / "model.keras"

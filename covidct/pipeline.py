@@ -13,18 +13,22 @@ from covidct.reporting import fmt_ci, table
 
 # Overrides that change what a recipe's cross-validation chose: with any of them the record no longer applies.
 SCHEDULE_FIELDS = {"epochs", "head_epochs", "image_size", "model", "learning_rate", "fine_tune_learning_rate",
-                   "freeze_batch_norm", "fine_tune_from", "augment", "batch_size"}
+                   "freeze_batch_norm", "fine_tune_from", "augment", "batch_size", "sources", "source_weights",
+                   "class_balance", "epoch_images", "slices_per_patient"}
 
 
 def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, overrides: dict | None = None,
         formats: str = "all", n_boot: int = BOOTSTRAP_RESAMPLES, force_push: bool = False, record="auto",
-        echo=print) -> pathlib.Path:
+        echo=print, manual_dirs: dict | None = None) -> pathlib.Path:
   """build dataset -> train -> (quantization-aware copy) -> evaluate -> export + parity -> short benchmark -> bless +
   push -> report.md.
 
   Args:
     out_dir: the job's folder (must not exist).
-    manual_dir, data_dir: the upstream files and the TFDS data dir (see covidct.dataset.build).
+    manual_dir, data_dir: the upstream COVID-CT files and the TFDS data dir (see covidct.dataset.build).
+    manual_dirs: {source: manual dir}, the sources to build (covidct.dataset.manual_dirs_for); default: covid_ct
+      from `manual_dir`. Every source built is scored in the evaluation's per-source table; the training sources
+      (overrides['sources'], default covid_ct) must be among them.
     recipe: a named recipe; the default is the model of record.
     overrides: TrainConfig fields replacing the recipe's.
     formats: the export formats.
@@ -44,7 +48,7 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
   from covidct import dataset  # pylint: disable=import-outside-toplevel
   from covidct.config import CROSS_VALIDATED, resolve  # pylint: disable=import-outside-toplevel
   from covidct.data import Selection  # pylint: disable=import-outside-toplevel
-  from covidct.evaluate import evaluate, write_report  # pylint: disable=import-outside-toplevel
+  from covidct.evaluate import evaluate, evaluate_sources, write_report  # pylint: disable=import-outside-toplevel
   from covidct.push import push  # pylint: disable=import-outside-toplevel
   from covidct.quantize import qat  # pylint: disable=import-outside-toplevel
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
@@ -70,9 +74,14 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
     times[name] = round(now - last[0], 1)
     last[0] = now
 
-  echo("1/6 dataset")
-  builder = dataset.build(manual_dir=manual_dir, data_dir=data_dir)
-  data_dir = str(builder.data_dir_root)
+  manual_dirs = dict(manual_dirs or {"covid_ct": manual_dir})
+  missing = [s for s in cfg.sources if s not in manual_dirs]
+  if missing:
+    raise CovidctError(f"training on {', '.join(missing)} needs its files: give --sources-root or --manual-dir "
+                       f"{missing[0]}=PATH.")
+  echo("1/6 dataset: " + ", ".join(manual_dirs))
+  builders = dataset.build_sources(manual_dirs, data_dir=data_dir, progress=echo if len(manual_dirs) > 1 else None)
+  data_dir = str(builders[cfg.sources[0]].data_dir_root)
   step("dataset")
   cfg = resolve(recipe, data_dir=data_dir, **overrides)
   out.mkdir(parents=True)
@@ -94,10 +103,13 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
                  f"probabilities (docs/results/cross-validation.md; float threshold {record.threshold:.4f}, "
                  f"temperature {record.temperature:.3f})"}
     step("qat")
-  echo("3/6 evaluation on the test split")
+  echo("3/6 evaluation on the test split, and on every source's test split")
   runner = SavedModelRunner(model_dir / "saved_model")
   report = evaluate(runner, runner.image_size, data_dir=data_dir, split="test", n_boot=n_boot, shortcut_audit=True,
                     threshold=threshold)
+  report["sources"] = evaluate_sources(runner, runner.image_size, report["threshold"], data_dir=data_dir,
+                                       sources=tuple(manual_dirs), trained_on=cfg.sources, n_boot=n_boot,
+                                       progress=echo)
   write_report(report, model_dir / "evaluation-test")
   step("evaluate")
   echo("4/6 export and parity")
@@ -123,13 +135,13 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
   step("push")
   times["total"] = round(time.time() - start, 1)
   (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench,
-                                         report.get("shortcut_audit"), record, model_dir))
+                                         report.get("shortcut_audit"), record, model_dir, report.get("sources")))
   echo(f"report: {out / 'report.md'}")
   return out / "report.md"
 
 
 def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, bench, audit=None, record=None,
-            model_dir=None) -> str:
+            model_dir=None, sources=None) -> str:
   test = manifest.metrics["saved_model"]["test"]
   ci = test.get("ci95", {})
   at = test["at_threshold"]
@@ -141,7 +153,8 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
                f"quantization-aware (`{model_dir.name}`: calibrated int8 steps, temperature {record.temperature:.3f}).")
   lines = [
       "# covidct pipeline report", "",
-      f"Recipe `{cfg.recipe}`, model `{cfg.model}` at {cfg.image_size}x{cfg.image_size}, seed {cfg.seed}; {trained}", "",
+      f"Recipe `{cfg.recipe}`, model `{cfg.model}` at {cfg.image_size}x{cfg.image_size}, seed {cfg.seed}, trained on "
+      f"{' + '.join(f'`{s}`' for s in cfg.sources)}; {trained}", "",
   ]
   if record is not None:
     lines += [
@@ -164,6 +177,10 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
     from covidct.audit import markdown as audit_markdown  # pylint: disable=import-outside-toplevel
 
     lines += ["", audit_markdown(audit).rstrip()]
+  if sources:
+    from covidct.evaluate import sources_markdown  # pylint: disable=import-outside-toplevel
+
+    lines += ["", sources_markdown(sources, "## Every source's test split (SavedModel)").rstrip()]
   lines += ["", "## Artifacts and parity", "",
             table(["format", "file", "bytes", "max abs diff", "test ROC AUC", "sensitivity", "agreement", "parity"],
                   [(fmt, f"export/{a['file']}", f"{a['bytes']:,}", f"{a['parity']['max_abs_diff']:.1e}",

@@ -59,20 +59,35 @@ def replay_vectors(src: pathlib.Path, manifest: Manifest) -> None:
                        f"{(failed or ['verify failed'])[0]}. Export again.")
 
 
-def measure(src: pathlib.Path, threshold: float, data_dir=None) -> dict:
+def measure(src: pathlib.Path, threshold: float, data_dir=None, runner=None) -> dict:
   """The SavedModel's test split figures at `threshold`, computed now (not read from a file the export wrote)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from covidct.data import split_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.data import eval_set  # pylint: disable=import-outside-toplevel
   from covidct.metrics import ranking_metrics, threshold_metrics  # pylint: disable=import-outside-toplevel
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
 
-  runner = SavedModelRunner(src / "saved_model")
-  test = split_arrays("test", data_dir, runner.image_size)
-  p = runner(test["images"])
-  at = threshold_metrics(test["labels"], p, threshold)
-  return {"split": "test", "examples": int(len(p)), "roc_auc": ranking_metrics(test["labels"], np.asarray(p))["roc_auc"],
+  runner = runner or SavedModelRunner(src / "saved_model")
+  test = eval_set("covid_ct", "test", runner.image_size, data_dir)
+  p = runner(test.images)
+  at = threshold_metrics(test.labels, p, threshold)
+  return {"split": "test", "examples": int(len(p)), "roc_auc": ranking_metrics(test.labels, np.asarray(p))["roc_auc"],
           "threshold": threshold, "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
+
+
+def measure_sources(runner, manifest: Manifest, data_dir=None) -> dict:
+  """The SavedModel on every prepared source's test split at the export's threshold, computed now, with each
+  source's shortcut audit (covidct.evaluate.evaluate_sources), for the model card; without the per-image
+  predictions."""
+  from covidct.evaluate import evaluate_sources  # pylint: disable=import-outside-toplevel
+
+  trained = tuple((manifest.training_config or {}).get("sources") or ("covid_ct",)) \
+      if manifest.training_config else None
+  result = evaluate_sources(runner, runner.image_size, {"value": manifest.threshold, "from": "the export's manifest"},
+                            data_dir=data_dir, trained_on=trained)
+  for row in result["rows"]:
+    row.pop("predictions", None)
+  return result
 
 
 def bless(measured: dict, current: dict | None, gate, parity_passed: bool) -> tuple[bool, list[str]]:
@@ -92,7 +107,7 @@ def bless(measured: dict, current: dict | None, gate, parity_passed: bool) -> tu
   return not reasons, reasons
 
 
-def model_card(manifest: Manifest, version: int) -> str:
+def model_card(manifest: Manifest, version: int, sources: dict | None = None) -> str:
   from tfds_covidct.covid_ct.covid_ct_dataset_builder import Builder  # pylint: disable=import-outside-toplevel
 
   test = manifest.metrics["saved_model"]["test"]
@@ -101,6 +116,7 @@ def model_card(manifest: Manifest, version: int) -> str:
   fmt = lambda m: fmt_ci(at[m], ci.get(m), label="95% CI ")  # noqa: E731
   auc = fmt_ci(test["roc_auc"], ci.get("roc_auc"), label="95% CI ")
   counts = {s: sum(c.values()) for s, c in Builder.EXPECTED_COUNTS.items()}
+  trained = ", ".join(f"`{s}`" for s in (manifest.training_config or {}).get("sources") or ("covid_ct",))
   by_class = {k: sum(c[k] for c in Builder.EXPECTED_COUNTS.values()) for k in ("COVID", "NonCOVID")}
   metrics = table(["metric", "value"], [("ROC AUC", auc)] + [(m, fmt(m)) for m in
                                                              ("sensitivity", "specificity", "precision", "accuracy")],
@@ -110,6 +126,12 @@ def model_card(manifest: Manifest, version: int) -> str:
                  f"{v['parity']['max_abs_diff']:.1e}", f"{v['parity']['agreement']:.1%}")
                 for k, v in manifest.artifacts.items()], align="llrrrr")
   audit = _audit_lines(manifest.shortcut_audit)
+  if sources and sources.get("rows"):
+    from covidct.evaluate import sources_markdown  # pylint: disable=import-outside-toplevel
+
+    per_source = "\n" + sources_markdown(sources, "## Every source's test split (SavedModel, measured at push)")
+  else:
+    per_source = ""
   qat = ("\nThe SavedModel is quantization-aware (`covidct qat`): it computes in 8-bit steps itself, and every copy is "
          "compared with it by the quantized rules (ROC AUC within 0.01, decisions agreeing on >= 98% of test scans).\n"
          if manifest.quantization_aware else "")
@@ -124,13 +146,15 @@ every scan.
 COVID-CT (Zhao et al., arXiv:2003.13865), {sum(counts.values())} CT slices ({by_class['COVID']} COVID, {by_class['NonCOVID']} non-COVID), official
 patient-level split: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; no patient in two splits. Input: one
 grayscale slice, {manifest.input['dtype']} {manifest.input['shape']}. Preprocessing: {manifest.preprocessing}.
+Trained on: {trained}. The other sources (CC-CCII, patient split; COVID-CT-MD, one Tehran centre) are described in
+the dataset card; a source the model never trained on is marked external below.
 
 ## Metrics (test split, SavedModel)
 Operating threshold {thr['value']:.4f}, chosen on {thr.get('chosen_on', 'validation')} for sensitivity >= {thr['target_sensitivity']}.
 Confidence intervals: bootstrap over patients.
 
 {metrics}
-
+{per_source}
 ## Artifacts
 {rows}
 {qat}
@@ -217,12 +241,20 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
   from covidct.config import GateConfig  # pylint: disable=import-outside-toplevel
 
   gate = gate or GateConfig()
+  if infra_validation:  # before anything is measured: the candidate is served by covidct serve
+    from covidct.extras import require  # pylint: disable=import-outside-toplevel
+
+    require("serve", "push's infra validation (it serves the candidate first; --skip-infra-validation skips it)")
   src = pathlib.Path(export_dir)
   manifest = Manifest.load(src)
   threshold = manifest.threshold
   check_files(src, manifest)
   replay_vectors(src, manifest)
-  measured = measure(src, threshold, data_dir)
+  from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
+
+  runner = SavedModelRunner(src / "saved_model")
+  measured = measure(src, threshold, data_dir, runner)
+  per_source = measure_sources(runner, manifest, data_dir)
   root = pathlib.Path(serving_dir)
   existing = versions(root)
   blessed = [v for v in existing if v.get("blessed")]
@@ -236,6 +268,7 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
   try:
     stage_version(src, tmp)
     info = {"blessed": ok, "forced": bool(force and not ok), "reasons": reasons, "test": measured,
+            "sources": per_source,
             "gate": dataclasses.asdict(gate), "source": str(src.resolve()),
             "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if infra_validation:
@@ -243,7 +276,8 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
 
       info["infra_validation"] = infra_validate(tmp, src)
     write_json(tmp / BLESSING_FILE, info)
-    version = _claim_version(tmp, root, lambda v: (tmp / MODEL_CARD_FILE).write_text(model_card(manifest, v)))
+    card = lambda v: (tmp / MODEL_CARD_FILE).write_text(model_card(manifest, v, per_source))  # noqa: E731
+    version = _claim_version(tmp, root, card)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -298,10 +298,10 @@ class OpenVINORunner(Runner):
   kind = "openvino"
 
   def __init__(self, path, num_threads: int | None = None, config: dict | None = None):
-    try:
-      import openvino as ov  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise CovidctError("OpenVINO is not installed here: pip install 'openvino>=2026.4'.") from None
+    from covidct.extras import require  # pylint: disable=import-outside-toplevel
+
+    require("openvino")
+    import openvino as ov  # pylint: disable=import-outside-toplevel
     path = pathlib.Path(path)
     if not path.is_file():
       raise CovidctError(f"{path} does not exist.")

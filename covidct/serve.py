@@ -285,6 +285,9 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
   Raises:
     CovidctError: no such serving folder or version, or a bad option.
   """
+  from covidct.extras import require  # pylint: disable=import-outside-toplevel
+
+  require("serve")
   model_class = _kserve_model_class()
   from kserve.model_server import FASTAPI_APP_IMPORT_STRING, ModelServer, app  # pylint: disable=import-outside-toplevel
   from kserve.protocol.grpc.server import GRPCServer  # pylint: disable=import-outside-toplevel

@@ -159,14 +159,19 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
   import keras  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  from covidct.data import build_augmenter, build_inputs  # pylint: disable=import-outside-toplevel
+  from covidct import data as inputs  # pylint: disable=import-outside-toplevel
   from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
 
   if keep not in ("best", "last"):
     raise CovidctError(f"keep must be 'best' or 'last', got {keep!r}.")
   out = pathlib.Path(out_dir)
   refuse_existing(out, overwrite)
-  load_builder(cfg.data_dir)  # a clear error before anything is written when the dataset is missing
+  for source in cfg.sources:  # a clear error before anything is written when a source is missing
+    load_builder(cfg.data_dir, source)
+  train_data = inputs.training_view(cfg, train_data)
+  validation_data = (tuple(inputs.Selection(validation_data, source=s) for s in cfg.sources)
+                     if isinstance(validation_data, str) else inputs.as_selections(validation_data))
+  mix = inputs.mix_of(cfg)
   gpus = tf.config.list_physical_devices("GPU")
   if cfg.mixed_precision and not gpus:
     raise CovidctError("mixed precision needs a GPU and none is visible; drop --mixed-precision.")
@@ -186,22 +191,24 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
       raise CovidctError(f"fine_tune_from applies to backbone models (mobilenet_v2_*), not {cfg.model!r}.")
     frozen_below = fine_tune_start(backbone, cfg.fine_tune_from) if backbone is not None else 0
     batch = cfg.batch_size * strategy.num_replicas_in_sync
-    train_ds = build_inputs(train_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
+    train_ds = inputs.build_inputs(train_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
                             training=True, augment=cfg.augment if augment_on == "pipeline" else None,
                             seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                             drop_remainder=strategy.num_replicas_in_sync > 1, mixup=cfg.mixup,
-                            lung_crop=cfg.lung_crop)
-    val_ds = build_inputs(validation_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
+                            lung_crop=cfg.lung_crop, mix=mix)
+    val_ds = inputs.build_inputs(validation_data, data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=batch,
                           lung_crop=cfg.lung_crop)
     with strategy.scope():
       fit_model = model
       if augment_on == "model" and cfg.augment is not None:
         # Augmentation in the training step (on the accelerator), in a wrapper: `model` itself never holds it.
-        fit_model = keras.Sequential([build_augmenter(cfg.augment, cfg.seed), model], name="train_wrapper")
+        fit_model = keras.Sequential([inputs.build_augmenter(cfg.augment, cfg.seed), model], name="train_wrapper")
     mode = "max" if cfg.monitor == "val_auc" else "min"
     keep_best = KeepBest(cfg.monitor, mode, model)
     validation = validation_callback(model, val_ds)
-    weights = class_weight(cfg.data_dir, cfg.class_weight, train_data)
+    # a class-balanced mix balances by sampling: weighting the loss as well would count the balance twice
+    weights = None if mix is not None and mix.class_balance else class_weight(cfg.data_dir, cfg.class_weight,
+                                                                               train_data)
     stopper = _Deadline(deadline) if deadline is not None else None
     history: dict[str, list[float]] = {}
 
@@ -260,7 +267,9 @@ def train(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 1, 
         "best_epoch": best + 1, "epochs_run": len(scores), "monitor": cfg.monitor,
         "validation": {k[4:]: history[k][best] for k in history if k.startswith("val_")},
         "augment_on": augment_on, "replicas": strategy.num_replicas_in_sync, "wall_time_s": time.time() - start,
-        "train_data": str(train_data), "validation_data": str(validation_data), "kept": keep,
+        "train_data": inputs.describe_view(train_data),
+        "validation_data": inputs.describe_view(validation_data), "kept": keep,
+        **({"sampling": mix.plan(train_data, cfg.data_dir)} if mix is not None else {}),
         "stopped": bool(stopper is not None and stopper.stopped),
     }
     (tmp / "history.json").write_text(json.dumps({"history": history, "summary": summary}, indent=2))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from covidct.config import BOOTSTRAP_RESAMPLES, CALIBRATION_IMAGES, TARGET_SENSITIVITY
-from covidct.data import raw_arrays, split_arrays
+from covidct.data import eval_set, split_arrays
 from covidct.errors import CovidctError
 from covidct.evaluate import evaluate
 from covidct.fsutil import atomic_dir, refuse_existing, sha256
@@ -88,7 +88,9 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   reference = SavedModelRunner(saved_model)
   size = reference.image_size
   progress(f"reading the validation, test and train splits at {size}x{size}")
-  arrays = {s: split_arrays(s, data_dir, size) for s in ("validation", "test", "train")}
+  # validation and test as every step of this run reads them (covidct.data.eval_set: loaded once per process)
+  arrays = {s: eval_set("covid_ct", s, size, data_dir).arrays() for s in ("validation", "test")}
+  arrays["train"] = split_arrays("train", data_dir, size)
   reps = arrays["train"]["images"][:n_calibration]  # calibration from train, never test
   ref_val = evaluate(reference, size, split="validation", target_sensitivity=target_sensitivity, n_boot=n_boot,
                      arrays=arrays)
@@ -153,7 +155,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
     verified_on = cpu_kind()
     report = write_report(parity, threshold, tmp, quantization_aware, verified_on)
     progress("measuring the resize skew")
-    skew = skew_table(reference, raw_arrays("test", data_dir)["images"], ref_probs, threshold)
+    skew = skew_table(reference, eval_set("covid_ct", "test", size, data_dir, raw=True).raw, ref_probs, threshold)
     with open(tmp / "parity.md", "a") as fh:
       fh.write("\n" + skew_markdown(skew, threshold))
     files = {}

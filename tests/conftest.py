@@ -20,11 +20,31 @@ DUMMY_COUNTS = {
     "validation": {"COVID": 1, "NonCOVID": 2},
     "test": {"COVID": 2, "NonCOVID": 2},
 }
+# The other configs' dummy_data (tools/make_dummy_data.py): dummy_data/<config>/ and dummy_data/<config>_files.tsv.
+DUMMY_SOURCE_COUNTS = {
+    "cc_ccii": {"train": {"COVID": 2, "NonCOVID": 3}, "validation": {"COVID": 1, "NonCOVID": 1},
+                "test": {"COVID": 1, "NonCOVID": 2}},
+    "covid_ct_md": {"test": {"COVID": 2, "NonCOVID": 2}},
+}
+DUMMY_MANIFESTS = {name: DUMMY_DATA / f"{name}_files.tsv" for name in DUMMY_SOURCE_COUNTS}
+SOURCE_FOLDERS = {"covid_ct": COVID_CT, "cc_ccii": SHARED / "cc-ccii", "covid_ct_md": SHARED / "covid-ct-md"}
 
 
 def _need_shared():
   if not (COVID_CT / "Images-processed" / "CT_COVID.zip").exists():
     pytest.skip(reason=f"the local COVID-CT copy is not at {COVID_CT} (set COVIDCT_SHARED to the shared folder)")
+
+
+@pytest.fixture(scope="session")
+def sources_data_dir(full_data_dir) -> pathlib.Path:
+  """The real data dir of full_data_dir with the other sources built into it too (CC-CCII, COVID-CT-MD)."""
+  from covidct import dataset
+
+  for name in ("cc_ccii", "covid_ct_md"):
+    if not (SOURCE_FOLDERS[name] / "SHA256SUMS").exists():
+      pytest.skip(reason=f"the local {name} copy is not at {SOURCE_FOLDERS[name]}")
+    dataset.build(manual_dir=str(SOURCE_FOLDERS[name]), data_dir=str(full_data_dir), source=name)
+  return full_data_dir
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +65,8 @@ def dummy_builder(monkeypatch):
 
   monkeypatch.setattr(mod.Builder, "EXPECTED_COUNTS", DUMMY_COUNTS)
   monkeypatch.setattr(mod.Builder, "IMAGE_HASHES", DUMMY_DATA / "image_hashes.tsv")
+  monkeypatch.setattr(mod.Builder, "SOURCE_COUNTS", DUMMY_SOURCE_COUNTS)
+  monkeypatch.setattr(mod.Builder, "SOURCE_MANIFESTS", DUMMY_MANIFESTS)
   return mod.Builder
 
 
@@ -58,17 +80,30 @@ def manual_copy(tmp_path) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def dummy_data_dir(tmp_path_factory) -> pathlib.Path:
-  """dummy_data prepared as a TFDS dataset (12 tiny images), for fast pipeline and training tests."""
-  from unittest import mock
-
+  """dummy_data prepared as a TFDS dataset (12 tiny images), and its other configs (cc_ccii: 10 slices; covid_ct_md:
+  4), for fast pipeline and training tests."""
   from covidct import dataset
-  from tfds_covidct.covid_ct import covid_ct_dataset_builder as mod
 
   data_dir = tmp_path_factory.mktemp("tfds_dummy")
-  with mock.patch.object(mod.Builder, "EXPECTED_COUNTS", DUMMY_COUNTS), \
-       mock.patch.object(mod.Builder, "IMAGE_HASHES", DUMMY_DATA / "image_hashes.tsv"):
+  with dummy_sources():
     dataset.build(manual_dir=str(DUMMY_DATA), data_dir=str(data_dir))
+    for name in DUMMY_SOURCE_COUNTS:
+      dataset.build(manual_dir=str(DUMMY_DATA / name), data_dir=str(data_dir), source=name)
   return data_dir
+
+
+def dummy_sources():
+  """A context in which the builder expects dummy_data's counts, hashes and manifests (every config)."""
+  import contextlib
+  from unittest import mock
+
+  from tfds_covidct.covid_ct import covid_ct_dataset_builder as mod
+
+  stack = contextlib.ExitStack()
+  for name, value in (("EXPECTED_COUNTS", DUMMY_COUNTS), ("IMAGE_HASHES", DUMMY_DATA / "image_hashes.tsv"),
+                      ("SOURCE_COUNTS", DUMMY_SOURCE_COUNTS), ("SOURCE_MANIFESTS", DUMMY_MANIFESTS)):
+    stack.enter_context(mock.patch.object(mod.Builder, name, value))
+  return stack
 
 
 SIZE = 48

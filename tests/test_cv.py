@@ -66,8 +66,8 @@ def cv_run(dummy_data_dir, tmp_path_factory, request):
   reads = []
   original = covidct.data.load_builder
 
-  def recording(data_dir=None):
-    builder = original(data_dir)
+  def recording(data_dir=None, source="covid_ct"):
+    builder = original(data_dir, source)
     as_dataset = builder.as_dataset
 
     def spy(*args, **kwargs):

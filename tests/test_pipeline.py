@@ -18,15 +18,30 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
     pytest.skip(reason=f"the MobileNetV2 weight files are not in {KERAS_WEIGHTS}")
   # The default recipe (the model of record's) with a smaller schedule: the cross-validated record then does not
   # apply, so it trains on train and takes its threshold on validation (the record's path: the next test).
+  # Trained on two sources (one slice per patient), evaluated on all three: COVID-CT-MD is an external site.
   res = CliRunner().invoke(main, ["pipeline", "--out", str(tmp_path / "job"), "--manual-dir", str(DUMMY_DATA),
+                                  "--manual-dir", f"cc_ccii={DUMMY_DATA / 'cc_ccii'}", "--manual-dir",
+                                  f"covid_ct_md={DUMMY_DATA / 'covid_ct_md'}", "--sources", "covid_ct,cc_ccii",
+                                  "--slices-per-patient", "1",
                                   "--data-dir", str(tmp_path / "tfds"), "--weights-dir", str(KERAS_WEIGHTS),
                                   "--model", "mobilenet_v2_0.35", "--head-epochs", "1", "--epochs", "1",
                                   "--image-size", "48", "--formats", "tflite_float32,onnx_float32", "--bootstrap",
                                   "20", "--force-push"])
   assert res.exit_code == 0, res.output
   assert "Recipe `finetune`, model `mobilenet_v2_0.35`" in res.output and "trained on train; best epoch" in res.output
+  assert "trained on `covid_ct` + `cc_ccii`" in res.output
   job = tmp_path / "job"
   report = (job / "report.md").read_text()
+  card = (job / "serving" / "1" / "MODEL_CARD.md").read_text()
+  for text in (report, card):
+    table = text.split("## Every source's test split")[1]
+    assert "`covid_ct_md`" in table and "**external**" in table and table.count("trained on") >= 2
+  import json
+
+  config = json.loads((job / "model" / "config.json").read_text())
+  assert config["sources"] == ["covid_ct", "cc_ccii"] and config["slices_per_patient"] == 1
+  blessing = json.loads((job / "serving" / "1" / "blessing.json").read_text())
+  assert [r["source"] for r in blessing["sources"]["rows"]] == ["covid_ct", "cc_ccii", "covid_ct_md"]
   assert "## Artifacts and parity" in report and "tflite_float32" in report and "serving/1/" in report
   for path in ("model/saved_model/saved_model.pb", "model/evaluation-test/roc.png", "export/manifest.json",
                "export/parity.md", "serving/1/MODEL_CARD.md", "bench/bench.md"):

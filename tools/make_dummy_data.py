@@ -1,7 +1,8 @@
 """Writes `tfds_covidct/covid_ct/dummy_data/`: a tiny, synthetic copy of the upstream layout for unit tests.
 
 Run from the repository root: `python tools/make_dummy_data.py`. Deterministic images (the xlsx carries a timestamp).
-Also writes `dummy_data/image_hashes.tsv`, the manifest the unit tests verify these images against.
+Also writes `dummy_data/image_hashes.tsv`, the manifest the unit tests verify these images against, and the other
+configs' fixtures (`dummy_data/cc_ccii/`, `dummy_data/covid_ct_md/`) with their manifests.
 """
 
 import csv
@@ -91,5 +92,55 @@ def main():
   (OUT / "image_hashes.tsv").write_text("# path inside the zip\tsize in bytes\tsha256\n" + "\n".join(hashes) + "\n")
 
 
+# The other configs' fixtures: dummy_data/cc_ccii/ and dummy_data/covid_ct_md/, each in its source's layout, with the
+# manifest the builder checks them against (path, split, sha256), as tools/make_source_manifests.py writes the real one.
+CC_CCII = {  # split -> [(path, ...)]: patients never cross splits; file names as CC-CCII's
+    "train": ["COVID/NCP_1_10_0001_128.png", "COVID/NCP_2_11_0005_128.png", "NonCOVID/Normal/Normal_3_12_0001_128.png",
+              "NonCOVID/Normal/Normal_3_12_0002_128.png", "NonCOVID/CP/CP_4_13_0003_128.png"],
+    "validation": ["COVID/NCP_5_14_0001_128.png", "NonCOVID/CP/CP_6_15_0007_128.png"],
+    "test": ["COVID/NCP_7_16_0002_128.png", "NonCOVID/Normal/Normal_8_17_0001_128.png",
+             "NonCOVID/CP/CP_9_18_0004_128.png"],
+}
+COVID_CT_MD = ["COVID/P001_Covid_1.jpg", "COVID/P002_Covid_2.jpg", "NonCOVID/normal001_Normal_1.jpg",
+               "NonCOVID/normal002_Normal_2.jpg"]
+SOURCE_COUNTS = {
+    "cc_ccii": {split: {"COVID": sum(p.startswith("COVID/") for p in paths),
+                        "NonCOVID": sum(p.startswith("NonCOVID/") for p in paths)} for split, paths in CC_CCII.items()},
+    "covid_ct_md": {"test": {"COVID": 2, "NonCOVID": 2}},
+}
+
+
+def _write(root: pathlib.Path, path: str, data: bytes) -> str:
+  (root / path).parent.mkdir(parents=True, exist_ok=True)
+  (root / path).write_bytes(data)
+  return hashlib.sha256(data).hexdigest()
+
+
+def sources():
+  rng = np.random.default_rng(1)
+  root = OUT / "cc_ccii"
+  rows = []
+  for split, paths in CC_CCII.items():
+    for path in paths:
+      pixels = rng.integers(0, 256, size=(128, 128), dtype=np.uint8)
+      buf = io.BytesIO()
+      Image.fromarray(pixels, "L").save(buf, format="PNG")
+      rows.append(f"{path}\t{split}\t{_write(root, path, buf.getvalue())}")
+  (OUT / "cc_ccii_files.tsv").write_text("# dummy CC-CCII: path, split, sha256\n" + "\n".join(rows) + "\n")
+  root = OUT / "covid_ct_md"
+  rows = []
+  for path in COVID_CT_MD:
+    grey = rng.integers(0, 256, size=(48, 48), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB").save(buf, format="JPEG")  # grey in 3 channels
+    rows.append(f"{path}\ttest\t{_write(root, path, buf.getvalue())}")
+  clinical = ("\ufeffclinical_data,,,,,,,,,\n,Diagnosis,Folder,Patient Gender,Patient Age,Weight,Clinical characteristics"
+              " ,Surgery,Follow-up,PCR\n0,COVID-19,P001,M,039Y,80,Cough,NA,NA,\n1,COVID-19,P002,F,048Y,75,Fever,No,NA,\n"
+              "2,Normal,normal001,M,049Y,82,Cough,Yes,,\n").encode()
+  rows.append(f"meta/Clinical-data.csv\tmeta\t{_write(root, 'meta/Clinical-data.csv', clinical)}")
+  (OUT / "covid_ct_md_files.tsv").write_text("# dummy COVID-CT-MD: path, split, sha256\n" + "\n".join(rows) + "\n")
+
+
 if __name__ == "__main__":
   main()
+  sources()

@@ -24,20 +24,29 @@ from covidct.cli.options import BOOTSTRAP, DATA_DIR, OVERWRITE, TARGET, friendly
               help="With --folder: a CSV (file,patient_id) so that CIs resample patients, not images.")
 @click.option("--threshold", type=float, default=None,
               help="With --folder: the operating threshold (default: the model's, from its metadata or manifest).")
+@click.option("--sources", default=None, metavar="LIST|all",
+              help="With the test split: the sources whose test splits are reported side by side (default: every "
+                   "source prepared in the data dir: covid_ct, cc_ccii, covid_ct_md).")
 @DATA_DIR
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @friendly
-def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, folder, patients_csv, threshold, data_dir,
-                 overwrite):
+def evaluate_cmd(models, split, out_dir, target_sensitivity, n_boot, tta, folder, patients_csv, threshold, sources,
+                 data_dir, overwrite):
   """Evaluate a model (training folder, SavedModel, .keras, .tflite or .onnx) on a split, or on your own labelled
-  --folder; write a report with the shortcut audit.
+  --folder; write a report with the shortcut audit. On the test split, every prepared source's test split is
+  reported side by side too (a source the model did not train on is labelled external).
 
   Several models: their mean probability is evaluated (an ensemble); --out is then required."""
+  from covidct.dataset import parse_sources  # pylint: disable=import-outside-toplevel
   from covidct.evaluate import evaluate_models, markdown  # pylint: disable=import-outside-toplevel
 
+  if sources and (folder or split != "test"):
+    raise click.UsageError("--sources goes with the test split (not with --folder or another --split).")
   report, out, title = evaluate_models(models, split=split, out_dir=out_dir, target_sensitivity=target_sensitivity,
                                        n_boot=n_boot, tta=tta, folder=folder, patients_csv=patients_csv,
-                                       threshold=threshold, data_dir=data_dir, overwrite=overwrite)
+                                       threshold=threshold, data_dir=data_dir, overwrite=overwrite,
+                                       sources=parse_sources(sources) if sources else None,
+                                       progress=lambda m: click.echo(m, err=True))
   click.echo(markdown(report, title))
   click.echo(f"Report: {out}/report.md")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from covidct.cli.options import BOOTSTRAP, DATA_DIR, WEIGHTS_DIR, friendly, given, int_list, positive
+from covidct.cli.options import (BOOTSTRAP, DATA_DIR, SOURCES_ROOT, WEIGHTS_DIR, friendly, given, int_list,
+                                 positive)
 from covidct.config import MODEL_OF_RECORD
 
 
@@ -78,8 +79,15 @@ def bench_compare_cmd(exports, out_dir, rounds, batch_size, threads, runtimes, m
 
 @click.command("pipeline")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--manual-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with the upstream files (offline). Without it, they are downloaded.")
+@click.option("--manual-dir", "manual_dirs", multiple=True, type=click.Path(file_okay=False), metavar="[SOURCE=]PATH",
+              help="Folder with the upstream COVID-CT files (offline; without it they are downloaded), and "
+                   "SOURCE=PATH for each other source to build (cc_ccii, covid_ct_md).")
+@SOURCES_ROOT
+@click.option("--sources", default=None, metavar="LIST",
+              help="Train on these sources' train splits at once, e.g. covid_ct,cc_ccii (default: covid_ct; the "
+                   "cross-validated record then no longer applies). Every source built is evaluated.")
+@click.option("--slices-per-patient", type=int, default=None,
+              help="Keep at most this many training images of each patient (as --sources).")
 @DATA_DIR
 @click.option("--recipe", type=click.Choice(["finetune", "default", "article"]), default=MODEL_OF_RECORD,
               show_default=True, help="'finetune': the model of record (MobileNetV2, chosen by cross-validation); "
@@ -95,10 +103,14 @@ def bench_compare_cmd(exports, out_dir, rounds, batch_size, threads, runtimes, m
 @BOOTSTRAP
 @click.option("--force-push", is_flag=True, help="Push even if the model is not blessed.")
 @friendly
-def pipeline_cmd(out_dir, manual_dir, data_dir, recipe, formats, n_boot, force_push, **overrides):
+def pipeline_cmd(out_dir, manual_dirs, sources_root, sources, data_dir, recipe, formats, n_boot, force_push,
+                 **overrides):
   """The main job: build the dataset, train the model of record, evaluate, export, check parity, bench, push, report."""
+  from covidct.dataset import manual_dirs_for, parse_sources  # pylint: disable=import-outside-toplevel
   from covidct.pipeline import run  # pylint: disable=import-outside-toplevel
 
-  run(out_dir, manual_dir=manual_dir, data_dir=data_dir, recipe=recipe, overrides=given(**overrides), formats=formats,
-      n_boot=n_boot, force_push=force_push, echo=lambda m: click.echo(m, err=True))
+  trained = parse_sources(sources, allow_all=False) if sources else None
+  dirs = manual_dirs_for(manual_dirs, sources_root, need=trained or ("covid_ct",))
+  run(out_dir, data_dir=data_dir, recipe=recipe, overrides=given(sources=trained, **overrides), formats=formats,
+      n_boot=n_boot, force_push=force_push, echo=lambda m: click.echo(m, err=True), manual_dirs=dirs)
   click.echo((__import__("pathlib").Path(out_dir) / "report.md").read_text())

@@ -59,6 +59,10 @@ def os_error_message(e: OSError) -> str:
 
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                         help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+SOURCES_ROOT = click.option(
+    "--sources-root", type=click.Path(file_okay=False), default=None, metavar="DIR",
+    help="A folder holding each source's files as ../shared does (covid-ct/, cc-ccii/, covid-ct-md/): every source "
+         "found there is built, offline.")
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 BOOTSTRAP = click.option("--bootstrap", "n_boot", type=int, default=BOOTSTRAP_RESAMPLES, show_default=True,
                          help="Resamples behind each 95% confidence interval (0: none).")
@@ -149,6 +153,17 @@ TRAINING_OPTIONS = [
     click.option("--weights", default=None, metavar="imagenet|none|FILE",
                  help="Backbones: the starting weights: ImageNet (default), none (random), or a backbone weights file "
                       "such as the backbone.weights.h5 of `covidct pretrain`."),
+    click.option("--sources", default=None, metavar="LIST",
+                 help="Train on these sources' train splits at once, e.g. covid_ct,cc_ccii (default: covid_ct). "
+                      "covid_ct_md is an external test site and cannot be trained on."),
+    click.option("--source-weights", default=None, metavar="LIST",
+                 help="With several sources: each one's share of the training images, same order (default: equal)."),
+    click.option("--class-balance/--no-class-balance", default=None,
+                 help="With several sources: draw each source's classes in equal shares (default) or as they come."),
+    click.option("--epoch-images", type=int, default=None,
+                 help="With several sources: images drawn per epoch (default 0: as many as the sources hold)."),
+    click.option("--slices-per-patient", type=int, default=None,
+                 help="Keep at most this many training images of each patient, drawn once from the seed (0: all)."),
     WEIGHTS_DIR,
     DATA_DIR,
 ]

@@ -1,4 +1,5 @@
-"""COVID-CT: lung CT slices of COVID-19 and non-COVID patients, with the official patient-level split."""
+"""COVID-CT: lung CT slices of COVID-19 and non-COVID patients, with the official patient-level split; and, as builder
+configs, two more sources: CC-CCII (`covid_ct/cc_ccii`) and COVID-CT-MD (`covid_ct/covid_ct_md`, an external site)."""
 
 from __future__ import annotations
 
@@ -222,66 +223,273 @@ def decode_grayscale(data: bytes, where: str) -> tuple[np.ndarray, str]:
   return np.asarray(gray, dtype=np.uint8)[..., None], mode
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
-  """DatasetBuilder for the COVID-CT dataset (UCSD-AI4H), official patient-level split."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "349 COVID / 397 non-COVID images, official train/validation/test split."}
+# ---------------------------------------------------------------------------------------------------------------------
+# The other sources: one builder config each, read from a manual dir and checked against a manifest shipped here.
+
+# Config names; the `dataset` feature of every example holds one of them, in every config.
+DEFAULT_CONFIG = "covid_ct"
+CONFIG_NAMES = ("covid_ct", "cc_ccii", "covid_ct_md")
+# Diagnoses of the configs that record one (CC-CCII's three classes; COVID-CT-MD's normal and COVID).
+DIAGNOSES = ("normal", "common_pneumonia", "covid")
+
+_HERE = epath.Path(__file__).parent
+# path in the manual dir, split, sha256: every file each config reads (tools/make_source_manifests.py wrote them).
+_SOURCE_MANIFESTS = {"cc_ccii": _HERE / "cc_ccii_files.tsv", "covid_ct_md": _HERE / "covid_ct_md_files.tsv"}
+# Asserted while generating, as the official COVID-CT counts are: split -> class -> images.
+_SOURCE_COUNTS = {
+    "cc_ccii": {"train": {"COVID": 807, "NonCOVID": 2950}, "validation": {"COVID": 155, "NonCOVID": 604},
+                "test": {"COVID": 230, "NonCOVID": 859}},
+    "covid_ct_md": {"test": {"COVID": 169, "NonCOVID": 76}},
+}
+_SOURCE_SPLITS = {"cc_ccii": _SPLITS, "covid_ct_md": ("test",)}
+_CC_CCII_DIAGNOSIS = {"NCP": "covid", "CP": "common_pneumonia", "Normal": "normal"}
+_MD_CLINICAL = "meta/Clinical-data.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class _SourceFile:
+  path: str  # relative to the manual dir
+  split: str
+  sha256: str
+
+
+def read_source_manifest(path: epath.Path) -> list[_SourceFile]:
+  """A config's shipped manifest: one `path<TAB>split<TAB>sha256` line per file."""
+  rows = []
+  for lineno, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+    if not line.strip() or line.startswith("#"):
+      continue
+    parts = line.split("\t")
+    if len(parts) != 3 or len(parts[2]) != 64:
+      raise CovidCtError(f"{path}:{lineno}: expected path, split and SHA-256 separated by tabs; reinstall covidct.")
+    rows.append(_SourceFile(*parts))
+  return rows
+
+
+def _verified_bytes(root: epath.Path, entry: _SourceFile, config: str) -> bytes:
+  """The file's bytes, refused with one line naming it when it is missing, unreadable or changed."""
+  path = root / entry.path
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    raise CovidCtError(f"{path} is missing from the {config} manual dir {root}: copy the whole source folder "
+                       "again (its SHA256SUMS lists every file).") from None
+  except (OSError, ValueError) as e:
+    raise CovidCtError(f"{path}: cannot be read ({e}); copy the file again.") from None
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != entry.sha256:
+    raise CovidCtError(f"{path}: SHA-256 {digest[:12]}... does not match the {config} manifest "
+                       f"({entry.sha256[:12]}...); the file was changed or damaged. Copy it again.")
+  return data
+
+
+def cc_ccii_record(path: str) -> dict[str, str]:
+  """What a CC-CCII file name tells: `<CLASS>_<patient>_<scan>_<slice>_128.png`, grouped by (class, patient)."""
+  parts = epath.Path(path).name.split("_")
+  if len(parts) != 5 or parts[0] not in _CC_CCII_DIAGNOSIS:
+    raise CovidCtError(f"{path}: not a CC-CCII slice name (<CLASS>_<patient>_<scan>_<slice>_128.png).")
+  return {"patient_id": f"{parts[0]}_{parts[1]}", "scan_id": parts[2], "slice_index": int(parts[3]),
+          "diagnosis": _CC_CCII_DIAGNOSIS[parts[0]]}
+
+
+def _check_source_index(config: str, rows: list[_SourceFile], patient_of, label_of, where, expected) -> None:
+  """The shipped split matches the `expected` counts (split -> class -> images), and no patient is in two splits."""
+  counts: dict[str, dict[str, int]] = {s: {"COVID": 0, "NonCOVID": 0} for s in expected}
+  split_of: dict[str, str] = {}
+  for r in rows:
+    if r.split not in expected:
+      raise CovidCtError(f"{where}: {r.path} is in split {r.split!r}; {config} has {', '.join(expected)}.")
+    counts[r.split][label_of(r)] += 1
+    pid = patient_of(r)
+    if split_of.setdefault(pid, r.split) != r.split:
+      raise CovidCtError(f"{where}: patient {pid} is in both {split_of[pid]!r} and {r.split!r}; the split must be "
+                         "patient-disjoint.")
+  if counts != expected:
+    raise CovidCtError(f"{where}: the {config} file list gives {counts}, the release has {expected}; reinstall "
+                       "covidct (the manifest was changed).")
+
+
+def _label_of_path(r: _SourceFile) -> str:
+  return "COVID" if r.path.startswith("COVID/") else "NonCOVID"
+
+
+def _read_md_clinical(data: bytes, where: str) -> dict[str, dict[str, str]]:
+  """COVID-CT-MD's clinical table: folder (P001, normal001) -> age ('39'), gender ('M', 'F')."""
+  try:
+    lines = data.decode("utf-8-sig").splitlines()
+    rows = list(csv.reader(lines[1:]))  # the first line is a title ('clinical_data')
+    header = [h.strip().lower() for h in rows[0]]
+    col = {k: header.index(k) for k in ("folder", "patient gender", "patient age")}
+  except (UnicodeDecodeError, csv.Error, IndexError, ValueError) as e:
+    raise CovidCtError(f"{where}: not COVID-CT-MD's clinical table ({type(e).__name__}); copy it again.") from None
+  out = {}
+  for row in rows[1:]:
+    if len(row) > max(col.values()) and row[col["folder"]].strip():
+      age = row[col["patient age"]].strip().rstrip("Yy").lstrip("0")
+      out[row[col["folder"]].strip()] = {"age": age, "gender": row[col["patient gender"]].strip().upper()}
+  return out
+
+
+_CITATION_KEYS = {"covid_ct": ("zhao2020covidct",), "cc_ccii": ("zhang2020ccccii", "gunraj2020covidnetct"),
+                  "covid_ct_md": ("afshar2021covidctmd",)}
+
+
+def _citation(keys) -> str:
+  """The entries of CITATIONS.bib with these keys: each config cites its own source."""
+  entries = ["@" + e.strip() for e in (_HERE / "CITATIONS.bib").read_text().split("@") if e.strip()]
+  return "\n\n".join(e for e in entries if e.split("{", 1)[1].split(",", 1)[0].strip() in keys)
+
+
+_DEFAULT_DESCRIPTION = "COVID-CT (UCSD-AI4H): 349 COVID / 397 non-COVID images, the official patient-level split."
+_CC_CCII_DESCRIPTION = ("CC-CCII slices (via COVIDx-CT), 128 x 128, cropped to the lungs: 1,192 COVID / 4,413 "
+                        "non-COVID (normal, common pneumonia) slices of 299 patients, split by patient here.")
+_MD_DESCRIPTION = ("COVID-CT-MD, one slice per patient from one Tehran centre (169 COVID, 76 normal): an external "
+                   "site, a test split only.")
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """DatasetBuilder for COVID-CT (the default config, official patient-level split) and two more sources."""
+
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "349 COVID / 397 non-COVID images, official train/validation/test split.",
+      "1.1.0": "Builder configs: `covid_ct` (the default, the same examples as 1.0.0), `cc_ccii` (CC-CCII, split by "
+               "patient) and `covid_ct_md` (COVID-CT-MD, test only). New feature `dataset` (the config an example "
+               "comes from) on every example; every split also written as ArrayRecord for `tfds.data_source`.",
+  }
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name="covid_ct", description=_DEFAULT_DESCRIPTION),
+      tfds.core.BuilderConfig(name="cc_ccii", description=_CC_CCII_DESCRIPTION),
+      tfds.core.BuilderConfig(name="covid_ct_md", description=_MD_DESCRIPTION),
+  ]
+  DEFAULT_BUILDER_CONFIG_NAME = DEFAULT_CONFIG
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-  Optional. Without it the files are downloaded from the upstream repository.
-  For offline use, put the upstream repository's files in `manual_dir`, in its layout:
+  covid_ct (the default): optional. Without it the files are downloaded from the upstream repository. For offline
+  use, put the upstream repository's files in `manual_dir`, in its layout:
     Images-processed/CT_COVID.zip, Images-processed/CT_NonCOVID.zip,
     Data-split/COVID/{train,val,test}CT_COVID.txt, Data-split/NonCOVID/{train,val,test}CT_NonCOVID.txt,
     COVID-CT-MetaInfo.xlsx, NonCOVID-CT-MetaInfo.csv
+  covid_ct/cc_ccii: required: the CC-CCII slices, COVID/*.png and NonCOVID/{Normal,CP}/*.png (5,605 files).
+  covid_ct/covid_ct_md: required: COVID/*.jpg, NonCOVID/*.jpg (245 files) and meta/Clinical-data.csv.
   """
 
   # Class attributes so that a test on small fixtures can swap them.
   EXPECTED_COUNTS = _EXPECTED_COUNTS
   IMAGE_HASHES = _IMAGE_HASHES
+  SOURCE_MANIFESTS = _SOURCE_MANIFESTS
+  SOURCE_COUNTS = _SOURCE_COUNTS
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=list(_LABELS)),
-            "patient_id": tfds.features.Text(),
-            "filename": tfds.features.Text(),
-            "age": tfds.features.Text(doc="As upstream writes it ('41', '40+', 'Young Child'); '' if unknown."),
-            "gender": tfds.features.Text(doc="'M', 'F' or '' if unknown."),
-            "location": tfds.features.Text(doc="Where the patient was seen; '' if unknown."),
-            "doi": tfds.features.Text(doc="DOI of the paper the image was taken from; '' if unknown."),
-            "source": tfds.features.Text(doc="'paper figure' (COVID), 'crawled' or 'medpix' (non-COVID)."),
-            "original_mode": tfds.features.Text(doc="Colour mode of the upstream file: L, RGB or RGBA."),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/UCSD-AI4H/COVID-CT",
-    )
+    name = self.builder_config.name
+    features = {
+        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=list(_LABELS)),
+        "patient_id": tfds.features.Text(),
+        "filename": tfds.features.Text(),
+        "dataset": tfds.features.Text(doc=f"The config the example comes from: {', '.join(CONFIG_NAMES)}."),
+        "original_mode": tfds.features.Text(doc="Colour mode of the upstream file: L, RGB or RGBA."),
+    }
+    if name in (DEFAULT_CONFIG, "covid_ct_md"):
+      features["age"] = tfds.features.Text(doc="Age in years as the source writes it ('41', '40+', 'Young Child'); "
+                                                "'' if unknown.")
+      features["gender"] = tfds.features.Text(doc="'M', 'F' or '' if unknown.")
+    if name == DEFAULT_CONFIG:
+      features.update(
+          location=tfds.features.Text(doc="Where the patient was seen; '' if unknown."),
+          doi=tfds.features.Text(doc="DOI of the paper the image was taken from; '' if unknown."),
+          source=tfds.features.Text(doc="'paper figure' (COVID), 'crawled' or 'medpix' (non-COVID)."),
+      )
+    else:
+      features["diagnosis"] = tfds.features.ClassLabel(names=list(DIAGNOSES))
+    if name == "cc_ccii":
+      features["scan_id"] = tfds.features.Text(doc="The CT scan the slice comes from (a patient may have several).")
+      features["slice_index"] = tfds.features.Scalar(dtype=np.int32, doc="The slice's index in its scan.")
+    homepage = {DEFAULT_CONFIG: "https://github.com/UCSD-AI4H/COVID-CT",
+                "cc_ccii": "http://ncov-ai.big.ac.cn/download",
+                "covid_ct_md": "https://doi.org/10.6084/m9.figshare.12991592"}[name]
+    # Every shard is written twice (_write_array_record_copy): TFRecord for tf.data, ArrayRecord for random access.
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
+                                          supervised_keys=("image", "label"), homepage=homepage,
+                                          citation=_citation(_CITATION_KEYS[name]),
+                                          alternative_file_formats=["array_record"])
+
+  def _manual_root(self, dl_manager: tfds.download.DownloadManager) -> epath.Path | None:
+    """The manual dir when one was given (None when the default config may download instead)."""
+    name = self.builder_config.name
+    given = getattr(dl_manager, "_manual_dir", None)
+    user_gave = given is not None and epath.Path(given) != epath.Path(dl_manager.download_dir) / "manual"
+    try:
+      return epath.Path(dl_manager.manual_dir)
+    except AssertionError:
+      what = {DEFAULT_CONFIG: "the upstream COVID-CT files (Images-processed/, Data-split/, the two metadata files)",
+              "cc_ccii": "the CC-CCII slices (COVID/, NonCOVID/Normal/, NonCOVID/CP/)",
+              "covid_ct_md": "the COVID-CT-MD slices (COVID/, NonCOVID/, meta/)"}[name]
+      if user_gave:
+        raise CovidCtError(f"manual_dir {given} does not exist or is empty; point it at a folder holding {what}"
+                           + (", or leave it out to download." if name == DEFAULT_CONFIG else ".")) from None
+      if name == DEFAULT_CONFIG:
+        return None
+      raise CovidCtError(f"covid_ct/{name} is built from a local copy only: give its manual dir, a folder "
+                         f"holding {what}.") from None
 
   def _locate_files(self, dl_manager: tfds.download.DownloadManager) -> dict[str, epath.Path]:
-    """The source files: from `manual_dir` where one is given, downloaded otherwise."""
-    given = getattr(dl_manager, "_manual_dir", None)
-    try:
-      root = dl_manager.manual_dir
-    except AssertionError:
-      if given is not None and epath.Path(given) != epath.Path(dl_manager.download_dir) / "manual":
-        raise CovidCtError(
-            f"manual_dir {given} does not exist or is empty; point it at a folder holding the upstream "
-            "COVID-CT files (Images-processed/, Data-split/, the two metadata files), or leave it out to download."
-        ) from None
-      root = None
+    """The default config's source files: from `manual_dir` where one is given, downloaded otherwise."""
+    root = self._manual_root(dl_manager)
     if root is None:
       return {k: epath.Path(p) for k, p in dl_manager.download({k: _BASE_URL + rel for k, rel in _FILES.items()}).items()}
-    paths = {k: epath.Path(root) / rel for k, rel in _FILES.items()}
+    paths = {k: root / rel for k, rel in _FILES.items()}
     for key, path in paths.items():
       if not path.exists():
         raise CovidCtError(f"{path} is missing from manual_dir {root}: copy {_FILES[key]} from the upstream repository.")
     return paths
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    name = self.builder_config.name
+    if name != DEFAULT_CONFIG:
+      return self._source_split_generators(name, dl_manager)
     paths = self._locate_files(dl_manager)
     index = read_index(paths, self.EXPECTED_COUNTS)
     hashes = _read_hashes(epath.Path(self.IMAGE_HASHES))
     return {split: self._generate_examples(paths, index[split], hashes) for split in _SPLITS}
+
+  def _source_split_generators(self, name: str, dl_manager):
+    root = self._manual_root(dl_manager)
+    manifest = epath.Path(self.SOURCE_MANIFESTS[name])
+    rows = read_source_manifest(manifest)
+    images = [r for r in rows if r.split != "meta"]
+    expected = self.SOURCE_COUNTS[name]
+    if name == "cc_ccii":
+      _check_source_index(name, images, lambda r: cc_ccii_record(r.path)["patient_id"], _label_of_path, manifest,
+                          expected)
+      extra = {}
+    else:
+      _check_source_index(name, images, lambda r: r.path, _label_of_path, manifest, expected)
+      meta = next((r for r in rows if r.path == _MD_CLINICAL), None)
+      if meta is None:
+        raise CovidCtError(f"{manifest}: does not list {_MD_CLINICAL}; reinstall covidct.")
+      extra = _read_md_clinical(_verified_bytes(root, meta, name), str(root / meta.path))
+    for r in images:  # every file there before any example is written: a missing one stops the build at once
+      if not (root / r.path).exists():
+        raise CovidCtError(f"{root / r.path} is missing from the {name} manual dir {root}: copy the whole source "
+                           "folder again (its SHA256SUMS lists every file).")
+    return {split: self._generate_source_examples(name, root, [r for r in images if r.split == split], extra)
+            for split in _SOURCE_SPLITS[name]}
+
+  def _generate_source_examples(self, name, root, rows, clinical) -> Iterator[tuple[str, dict]]:
+    for r in rows:
+      data = _verified_bytes(root, r, name)
+      image, mode = decode_grayscale(data, str(root / r.path))
+      label = _label_of_path(r)
+      example = {"image": image, "label": label, "filename": epath.Path(r.path).name, "dataset": name,
+                 "original_mode": mode}
+      if name == "cc_ccii":
+        example.update(cc_ccii_record(r.path))
+      else:  # covid_ct_md: P001_Covid_1.jpg, normal001_Normal_1.jpg: the patient's folder, then the class
+        folder = epath.Path(r.path).name.split("_")[0]
+        example.update(patient_id=folder, diagnosis="covid" if label == "COVID" else "normal",
+                       age=clinical.get(folder, {}).get("age", ""), gender=clinical.get(folder, {}).get("gender", ""))
+      yield r.path, example
 
   def _generate_examples(self, paths, records, hashes) -> Iterator[tuple[str, dict]]:
     zips = {label: _open_zip(paths[key]) for label, key in _ZIP_KEY.items()}
@@ -306,6 +514,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "label": record.label,
             "patient_id": record.patient_id,
             "filename": record.filename,
+            "dataset": DEFAULT_CONFIG,
             "age": record.age,
             "gender": record.gender,
             "location": record.location,
@@ -316,3 +525,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     finally:
       for zf in zips.values():
         zf.close()
+
+  def _download_and_prepare(self, dl_manager, download_config):  # pylint: disable=arguments-differ
+    """TFDS's generation (TFRecord, for tf.data), then an ArrayRecord copy of every shard in the same temporary
+    folder, so that `tfds.data_source` (random access, no TensorFlow at read time) works for every config and a
+    failed copy leaves nothing behind either."""
+    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    self._write_array_record_copy()
+
+  def _write_array_record_copy(self) -> None:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+
+    adapter = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.ARRAY_RECORD]
+    suffix = file_adapters.ADAPTER_FOR_FORMAT[file_adapters.FileFormat.TFRECORD].FILE_SUFFIX
+    for split_info in self.info.splits.values():
+      for path in split_info.filepaths:
+        out = epath.Path(str(path).replace(f".{suffix}-", f".{adapter.FILE_SUFFIX}-"))
+        records = tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
+        adapter.write_examples(out, ((None, record) for record in records))
