@@ -254,13 +254,13 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
 
   runner = SavedModelRunner(src / "saved_model")
   measured = measure(src, threshold, data_dir, runner)
-  per_source = measure_sources(runner, manifest, data_dir)
   root = pathlib.Path(serving_dir)
   existing = versions(root)
   blessed = [v for v in existing if v.get("blessed")]
   ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, manifest.parity_passed)
   if not ok and not force:
     raise CovidctError("not blessed: " + "; ".join(reasons) + ". Improve the model, or pass --force to push anyway.")
+  per_source = measure_sources(runner, manifest, data_dir)  # for the model card of what is pushed
   root.mkdir(parents=True, exist_ok=True)
   remove_stale_partials(root / "push")  # what a killed push left
   tmp = root / f".push.partial-{os.getpid()}"

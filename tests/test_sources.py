@@ -323,3 +323,24 @@ def test_the_real_sources_build_with_their_documented_counts(sources_data_dir):
     h.update(repr(e["image"].shape).encode())
   assert len(rows) == 203 and h.hexdigest() == "7b465c4c81109aed01f98b350bc630d1de99b65ae46ed071182852dfb4f4af3f"
   assert {e["dataset"] for e in rows} == {b"covid_ct"}
+
+
+def test_leave_one_source_out_scores_each_source_with_a_model_that_never_saw_it(dummy_data_dir, tmp_path):
+  res = CliRunner().invoke(main, ["cv", "--out", str(tmp_path / "cv"), "--folds", "2", "--epochs", "1",
+                                  "--image-size", str(SIZE), "--batch-size", "4", "--sources", "covid_ct,cc_ccii",
+                                  "--epoch-images", "8", "--leave-one-source-out", "--data-dir", str(dummy_data_dir),
+                                  "--quiet"])
+  assert res.exit_code == 0, res.output
+  loso = json.loads((tmp_path / "cv" / "loso" / "loso.json").read_text())
+  rows = {r["source"]: r for r in loso["held_out"]}
+  assert rows["covid_ct"]["trained_on"] == ["cc_ccii"] and rows["cc_ccii"]["trained_on"] == ["covid_ct"]
+  assert rows["covid_ct"]["images"] == 9 and rows["cc_ccii"]["images"] == 7  # train + validation, never test
+  for row in rows.values():
+    assert set(row["audit"]) == {"full", "lungs_hidden", "lungs_only"} and len(row["roc_auc_by_epoch"]) == 1
+  trained = json.loads((tmp_path / "cv" / "loso" / "without_covid_ct" / "config.json").read_text())
+  assert trained["sources"] == ["cc_ccii"]
+  assert "## Leave one source out" in res.output
+  alone = CliRunner().invoke(main, ["cv", "--out", str(tmp_path / "cv1"), "--leave-one-source-out",
+                                    "--data-dir", str(dummy_data_dir)])
+  assert alone.exit_code == 1 and "needs at least two --sources" in alone.output
+  assert not (tmp_path / "cv1").exists()
