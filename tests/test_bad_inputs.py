@@ -73,6 +73,13 @@ def _run_with_damaged_keras(ctx):
   return str(run)
 
 
+def _only_default(ctx):
+  """A data dir holding only the default config (a copy of the shared dummy one)."""
+  data = ctx["tmp"] / "data-default"
+  shutil.copytree(pathlib.Path(ctx["data"]) / "covid_ct" / "covid_ct", data / "covid_ct" / "covid_ct")
+  return str(data)
+
+
 def _blessing(ctx, text):
   serving = ctx["tmp"] / "serving"
   (serving / "1").mkdir(parents=True)
@@ -115,6 +122,49 @@ CASES = [
     ("data build: manual dir is a file", lambda c: ["data", "build", "--manual-dir", _file(c, "f", b"x"),
                                                    "--data-dir", str(c["tmp"] / OUT)], 2, "is a file"),
     ("data info: nothing built", lambda c: ["data", "info", "--data-dir", str(c["tmp"])], 1, "is not prepared"),
+    # data: the sources
+    ("data build: unknown config", lambda c: ["data", "build", "--config", "mnist", "--data-dir", str(c["tmp"] / OUT)],
+     1, "unknown source 'mnist'"),
+    ("data build: cc_ccii with no local copy", lambda c: ["data", "build", "--config", "cc_ccii", "--data-dir",
+                                                         str(c["tmp"] / OUT)], 1, "built from a local copy only"),
+    ("data build: all, one folder given", lambda c: ["data", "build", "--config", "all", "--manual-dir",
+                                                    str(c["tmp"]), "--data-dir", str(c["tmp"] / OUT)], 1,
+     "cc_ccii needs its files"),
+    ("data build: sources root is not a folder", lambda c: ["data", "build", "--sources-root", str(c["tmp"] / "no"),
+                                                           "--data-dir", str(c["tmp"] / OUT)], 1, "is not a folder"),
+    ("data build: a folder for a source not built", lambda c: ["data", "build", "--config", "cc_ccii", "--manual-dir",
+                                                              f"covid_ct_md={c['tmp']}", "--data-dir",
+                                                              str(c["tmp"] / OUT)], 1, "is not among the sources"),
+    ("data build: a source named twice", lambda c: ["data", "build", "--config", "cc_ccii,cc_ccii", "--data-dir",
+                                                   str(c["tmp"] / OUT)], 1, "named twice"),
+    ("data info: unknown config", lambda c: ["data", "info", "--config", "covid", "--data-dir", c["data"]], 1,
+     "unknown source 'covid'"),
+    ("data info: config not built", lambda c: ["data", "info", "--config", "cc_ccii", "--data-dir", str(c["tmp"])], 1,
+     "covid_ct/cc_ccii dataset is not prepared"),
+    ("data arrays: a split the source lacks", lambda c: ["data", "arrays", "--config", "covid_ct_md", "--split", "train",
+                                                        "--out", str(c["tmp"] / OUT), "--data-dir", c["data"]], 1,
+     "--split takes test (covid_ct_md has no other)"),
+    ("train: the external site", lambda c: ["train", "--sources", "covid_ct,covid_ct_md", "--out", str(c["tmp"] / OUT),
+                                            "--data-dir", c["data"]], 1, "external test site"),
+    ("train: a weight per source", lambda c: ["train", "--sources", "covid_ct,cc_ccii", "--source-weights", "1,2,3",
+                                              "--out", str(c["tmp"] / OUT), "--data-dir", c["data"]], 1,
+     "one weight > 0 per source"),
+    ("train: weights that are not numbers", lambda c: ["train", "--sources", "covid_ct,cc_ccii", "--source-weights",
+                                                       "half,half", "--out", str(c["tmp"] / OUT)], 1,
+     "comma-separated numbers"),
+    ("train: a source not built", lambda c: ["train", "--sources", "covid_ct,cc_ccii", "--out", str(c["tmp"] / OUT),
+                                             "--data-dir", _only_default(c), "--epochs", "1"], 1,
+     "covid_ct/cc_ccii dataset is not prepared"),
+    ("cv: one source left out of one", lambda c: ["cv", "--leave-one-source-out", "--out", str(c["tmp"] / OUT),
+                                                  "--data-dir", c["data"]], 1, "needs at least two --sources"),
+    ("evaluate: unknown source", lambda c: ["evaluate", str(c["model_dir"]), "--sources", "mnist", "--out",
+                                            str(c["tmp"] / OUT), "--data-dir", c["data"]], 1, "unknown source"),
+    ("evaluate: sources with a folder", lambda c: ["evaluate", str(c["model_dir"]), "--sources", "cc_ccii",
+                                                   "--folder", _class_folders(c), "--out", str(c["tmp"] / OUT)], 2,
+     "--sources goes with the test split"),
+    ("pipeline: a training source without files", lambda c: ["pipeline", "--out", str(c["tmp"] / OUT), "--manual-dir",
+                                                             str(c["tmp"]), "--sources", "covid_ct,cc_ccii"], 1,
+     "cc_ccii needs its files"),
     # train
     ("train: zero epochs", lambda c: ["train", "--epochs", "0", "--out", str(c["tmp"] / OUT)], 2, "must be positive"),
     ("train: tiny images", lambda c: ["train", "--image-size", "7", "--out", str(c["tmp"] / OUT), "--data-dir",

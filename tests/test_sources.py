@@ -298,6 +298,22 @@ def test_the_real_sources_build_with_their_documented_counts(sources_data_dir):
     info = dataset.describe(str(sources_data_dir), source)
     got = {s: (v["examples"], v["per_class"]["COVID"], v["patients"]) for s, v in info["splits"].items()}
     assert got == splits, source
+  # tfds.load from a fresh process, as another project would: the documented sizes, a source on every example
+  script = ("import json, sys, tensorflow_datasets as tfds, tfds_covidct\n"
+            "out = {}\n"
+            "for c in ('covid_ct', 'covid_ct/cc_ccii', 'covid_ct/covid_ct_md'):\n"
+            "  splits = tfds.load(c, data_dir=sys.argv[1])\n"
+            "  out[c] = {s: [int(ds.cardinality()), sorted({bytes(e['dataset'].numpy()).decode() for e in ds})]\n"
+            "            for s, ds in splits.items()}\n"
+            "print(json.dumps(out))\n")
+  res = subprocess.run([sys.executable, "-c", script, str(sources_data_dir)], capture_output=True, text=True,
+                       cwd=sources_data_dir, check=False, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert res.returncode == 0, res.stderr[-2000:]
+  loaded = json.loads(res.stdout.strip().splitlines()[-1])
+  for source, splits in want.items():
+    name = "covid_ct" if source == "covid_ct" else f"covid_ct/{source}"
+    assert {s: v[0] for s, v in loaded[name].items()} == {s: v[0] for s, v in splits.items()}
+    assert all(v[1] == [source] for v in loaded[name].values())
   from covidct.data import Selection, split_labels
 
   for source in ("cc_ccii", "covid_ct"):
