@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import pathlib
 import time
 
@@ -109,6 +110,9 @@ def _decode_fn(image_size: int, guard_path: str | None, strict: bool):
       from covidct.predict import decode_image  # pylint: disable=import-outside-toplevel
 
       try:
+        if not _is_remote(path) and os.path.exists(path) and not os.path.isfile(path):
+          # a FIFO, a device or a folder: reading one may block for ever, or never end
+          raise CovidctError(f"{path}: not a regular file (a FIFO, device or folder); not read.")
         with FileSystems.open(path) as fh:
           data = fh.read()
         image, original = decode_image(data, path, image_size)

@@ -94,7 +94,15 @@ def _builder(data_dir: str | None, source: str = DEFAULT_SOURCE):
 
   import tfds_covidct  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
-  return tfds.builder(f"{DATASET}/{check_source(source)}", data_dir=data_dir)
+  try:
+    return tfds.builder(f"{DATASET}/{check_source(source)}", data_dir=data_dir)
+  except CovidctError:
+    raise
+  except Exception as e:  # a damaged dataset_info.json or features.json: TFDS raises protobuf's, JSON's, OS errors
+    where = os.path.join(data_dir or "~/tensorflow_datasets", DATASET, source)
+    raise CovidctError(f"the prepared covid_ct/{source} in {where} is damaged (its dataset_info.json or features "
+                       f"cannot be read: {type(e).__name__}); delete that folder and build it again (covidct data "
+                       "build).") from None
 
 
 def build(manual_dir: str | None = None, data_dir: str | None = None, source: str = DEFAULT_SOURCE):

@@ -258,10 +258,20 @@ def folder_arrays(folder, image_size: int, patients_csv=None) -> dict:
   names = [str(f.relative_to(root)) for f in files]
   if patients_csv is not None:
     try:
-      with open(patients_csv, newline="") as fh:
-        rows = {r["file"].strip(): r["patient_id"].strip() for r in csv.DictReader(fh)}
-    except (OSError, KeyError, csv.Error) as e:
-      raise CovidctError(f"{patients_csv}: cannot read columns file,patient_id ({type(e).__name__}: {e}).") from None
+      with open(patients_csv, newline="", encoding="utf-8") as fh:
+        rows, reader = {}, csv.DictReader(fh)
+        if not {"file", "patient_id"} <= set(reader.fieldnames or ()):
+          raise CovidctError(f"{patients_csv}: cannot read columns file,patient_id (its header is "
+                             f"{','.join(reader.fieldnames or [])[:80]!r}); give a CSV with the header "
+                             "file,patient_id.")
+        for lineno, r in enumerate(reader, 2):
+          if not isinstance(r.get("file"), str) or not isinstance(r.get("patient_id"), str):
+            raise CovidctError(f"{patients_csv}:{lineno}: expected two columns, file,patient_id; found "
+                               f"{[v for v in r.values() if v is not None][:2]}.")
+          rows[r["file"].strip()] = r["patient_id"].strip()
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as e:
+      raise CovidctError(f"{patients_csv}: cannot read columns file,patient_id ({type(e).__name__}); give a text "
+                         "CSV with the header file,patient_id.") from None
     missing = [n for n in names if n not in rows]
     if missing:
       raise CovidctError(f"{patients_csv} has no patient for {len(missing)} image(s), e.g. {missing[0]}; list every "

@@ -177,7 +177,12 @@ def model_threshold(model_path, threshold: float | None = None, manifest=None) -
   suffix = pathlib.Path(model_path).suffix.lower()
   own = {".onnx": read_onnx_meaning, ".tflite": read_meaning}.get(suffix, lambda _: None)(model_path)
   if own:
-    found = (own["threshold"], f"{model_path} (its {'ONNX' if suffix == '.onnx' else 'TFLite'} metadata)")
+    kind = "ONNX" if suffix == ".onnx" else "TFLite"
+    value = own["threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:  # NaN fails too
+      raise CovidctError(f"{model_path}: its {kind} metadata's operating threshold {value!r} is not a probability "
+                         "strictly between 0 and 1 (the file was changed); export it again, or pass --threshold.")
+    found = (float(value), f"{model_path} (its {kind} metadata)")
   else:
     found = (manifest[0].threshold, str(manifest[1])) if manifest else find_threshold(model_path)
   return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}

@@ -267,6 +267,28 @@ def _guards(app, model, max_body: int):
     return await call_next(request)
 
 
+def check_port(host: str, port: int) -> None:
+  """Refuses, in one line, a port out of range or one another process listens on (0: off or any, not checked)."""
+  import errno  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+
+  if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    raise CovidctError(f"port {port!r} is not a TCP port (0-65535).")
+  if port == 0:
+    return
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind((host, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise CovidctError(f"port {port} on {host} is in use by another process; choose another (--http-port, "
+                           "--grpc-port).") from None
+      raise CovidctError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host or port.") \
+          from None
+
+
 def serve(serving_dir, version: int | None = None, runtime: str | None = None, host: str = "127.0.0.1",
           http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT, max_batch: int = MAX_BATCH,
           max_body_bytes: int = MAX_BODY_BYTES, reload_seconds: float = 5.0, ready=None) -> None:
@@ -300,6 +322,8 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
     raise CovidctError(f"{root} has no version {version}; `covidct push --serving {root} --list` lists them.")
   if max_batch < 1 or max_body_bytes < 1 or reload_seconds < 0:
     raise CovidctError("max batch and max body bytes must be positive, reload seconds zero or more.")
+  for port in (http_port, grpc_port):
+    check_port(host, port)
   model = model_class(root, version, runtime, max_batch)
   model.load()
 
@@ -387,6 +411,18 @@ def wait_until_ready(url: str, timeout: float = 60.0, process=None) -> None:
   raise CovidctError(f"the server did not become ready at {url} within {timeout:.0f} s.")
 
 
+def die_with_parent() -> None:
+  """Run in a child before it starts (Popen's preexec_fn): on Linux, the kernel sends it SIGTERM when its parent
+  dies, however it dies (kill -9 included), so a killed `push` leaves no validation server listening."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: the parent's own cleanup is all there is
+    pass
+
+
 @contextlib.contextmanager
 def serving_subprocess(serving_dir, version: int, log_path, timeout: float = 180.0, args=()):
   """`covidct serve SERVING_DIR --version N` in a subprocess on a free loopback port (REST only, no reloading),
@@ -401,7 +437,8 @@ def serving_subprocess(serving_dir, version: int, log_path, timeout: float = 180
   with open(log_path, "w") as out:
     proc = subprocess.Popen([sys.executable, "-m", "covidct.cli", "serve", str(serving_dir), "--version",
                              str(version), "--http-port", str(port), "--grpc-port", "0", "--reload-seconds", "0",
-                             *args], stdout=out, stderr=subprocess.STDOUT)
+                             *args], stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
   url = f"http://127.0.0.1:{port}"
   try:
     try:

@@ -80,6 +80,44 @@ def _only_default(ctx):
   return str(data)
 
 
+def _busy_port(ctx) -> str:
+  """A loopback port another socket listens on, for as long as the case runs."""
+  import socket
+
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  s.listen()
+  ctx["_busy"] = s  # kept open until the case's context goes
+  return str(s.getsockname()[1])
+
+
+def _damaged_info(ctx):
+  data = _copy(ctx["data"], ctx["tmp"] / "data")
+  for f in data.glob("covid_ct/covid_ct/*/dataset_info.json"):
+    f.write_text("not json {")
+  return str(data)
+
+
+def _patients(ctx, content: bytes):
+  path = ctx["tmp"] / "patients.csv"
+  path.write_bytes(content)
+  return str(path)
+
+
+def _onnx_threshold(ctx, value: str):
+  """A lone copy of the export's ONNX whose metadata threshold was edited to `value`."""
+  import onnx
+
+  model = onnx.load(str(ctx["exported"] / "model_float32.onnx"))
+  for prop in model.metadata_props:
+    if prop.key == "operating_threshold":
+      prop.value = value
+  (ctx["tmp"] / "lone").mkdir(exist_ok=True)
+  path = ctx["tmp"] / "lone" / "model.onnx"
+  onnx.save(model, str(path))
+  return str(path)
+
+
 def _blessing(ctx, text):
   serving = ctx["tmp"] / "serving"
   (serving / "1").mkdir(parents=True)
@@ -256,6 +294,40 @@ CASES = [
                                              "--data-dir", c["data"], *G], 1, "move version 1 out of"),
     ("push: blessing.json a number", lambda c: ["push", str(c["exported"]), "--serving", _blessing(c, "3"),
                                                 "--data-dir", c["data"], *G], 1, "(a JSON int)"),
+    ("push --list: blessing test figures a list", lambda c: ["push", "--list", "--serving",
+                                                             _blessing(c, '{"blessed": true, "test": [0.9]}')], 1,
+     "'test' is not a record of figures"),
+    ("push --list: blessing ROC AUC a word", lambda c: ["push", "--list", "--serving",
+                                                        _blessing(c, '{"test": {"roc_auc": "high"}}')], 1,
+     "test roc_auc 'high' is not a number from 0 to 1"),
+    ("push --list: blessed a string", lambda c: ["push", "--list", "--serving", _blessing(c, '{"blessed": "yes"}')],
+     1, "'blessed' is not true or false"),
+    ("evaluate: negative bootstrap", lambda c: ["evaluate", str(c["model_dir"]), "--bootstrap", "-5", "--out",
+                                                str(c["tmp"] / OUT), "--data-dir", c["data"]], 2,
+     "is not in the range x>=0"),
+    ("evaluate --patients: a row without a comma", lambda c: ["evaluate", str(c["exported"] / "model_float32.onnx"),
+                                                             "--folder", _class_folders(c), "--patients",
+                                                             _patients(c, b"file,patient_id\nCOVID/0.png\n"),
+                                                             "--out", str(c["tmp"] / OUT)], 1,
+     "expected two columns, file,patient_id"),
+    ("evaluate --patients: binary", lambda c: ["evaluate", str(c["exported"] / "model_float32.onnx"), "--folder",
+                                               _class_folders(c), "--patients", _patients(c, bytes(range(256)) * 4),
+                                               "--out", str(c["tmp"] / OUT)], 1, "give a text CSV"),
+    ("data info: damaged dataset_info.json", lambda c: ["data", "info", "--data-dir", _damaged_info(c)], 1,
+     "is damaged (its dataset_info.json"),
+    ("serve: port out of range", lambda c: ["serve", str(c["tmp"]), "--http-port", "70000"], 2,
+     "is not in the range"),
+    ("serve: port in use", lambda c: ["serve", str(c["tmp"]), "--http-port", _busy_port(c)], 1,
+     "is in use by another process"),
+    ("predict: ONNX metadata threshold NaN", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                       _onnx_threshold(c, "nan"), "--json"], 1,
+     "is not a probability strictly between 0 and 1"),
+    ("predict: ONNX metadata threshold 5", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                     _onnx_threshold(c, "5"), "--json"], 1,
+     "operating threshold 5.0 is not a probability"),
+    ("predict: ONNX metadata threshold -1", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                      _onnx_threshold(c, "-1")], 1,
+     "operating threshold -1.0 is not a probability"),
     ("push --list: damaged blessing.json", lambda c: ["push", "--list", "--serving", _blessing(c, "{oops")], 1,
      "is not a covidct blessing record"),
     ("push: floor above 1", lambda c: ["push", str(c["exported"]), "--serving", str(c["tmp"] / OUT),
@@ -359,7 +431,7 @@ def _junk_vectors(ctx):
 
 
 def test_the_suite_is_large_enough():
-  assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+  assert len(CASES) >= 97 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("argv, code, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

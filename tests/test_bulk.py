@@ -168,3 +168,16 @@ def test_bulk_equals_predict_on_the_real_test_images(exported, tmp_path):
   for r in want:  # CSV holds Python's repr of each float: it round-trips exactly
     g = got[r["file"]]
     assert (float(g["probability"]), g["label"], g["warning"] or None) == (r["probability"], r["label"], r.get("warning"))
+
+
+def test_a_fifo_among_the_inputs_is_refused_not_waited_on(exported, archive, tmp_path):
+  """A named pipe matches the glob like a file; reading it would block for ever (issue 32's hang)."""
+  import os
+
+  os.mkfifo(archive / "pipe.png")
+  out = tmp_path / "bulk"
+  res = CliRunner().invoke(main, ["bulk-predict", "--model", str(exported / "model_float32.onnx"), "--input",
+                                  str(archive / "*.png"), "--out", str(out)])
+  assert res.exit_code == 0, res.output
+  bad = {e["file"]: e["error"] for e in _read_jsonl(out, "errors")}
+  assert "not a regular file" in bad[str(archive / "pipe.png")]

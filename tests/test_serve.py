@@ -277,3 +277,38 @@ def test_load_test_with_locust_against_the_served_export(exported, tmp_path):
   table = markdown(res)
   assert "| 4 |" in table and "Locust" in table
   assert (tmp_path / "load" / "locust_c4_stats.csv").exists()
+
+
+def test_a_server_child_dies_with_its_parent_even_on_kill_9(tmp_path):
+  """push's infra validation starts `covidct serve` with die_with_parent: a parent killed with SIGKILL (no cleanup
+  runs) must not leave its child listening."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  parent = subprocess.Popen(
+      [sys.executable, "-c", "import subprocess, sys, time\n"
+       "from covidct.serve import die_with_parent\n"
+       "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=die_with_parent)\n"
+       "print(child.pid, flush=True)\n"
+       "time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+  child = int(parent.stdout.readline())
+  os.kill(parent.pid, signal.SIGKILL)
+  parent.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      os.kill(child, 0)
+    except ProcessLookupError:
+      return  # gone (reaped by init)
+    try:
+      with open(f"/proc/{child}/stat") as fh:  # a zombie waiting for init to reap it is gone too
+        if fh.read().split(")")[-1].split()[0] == "Z":
+          return
+    except FileNotFoundError:
+      return
+    time.sleep(0.1)
+  os.kill(child, signal.SIGKILL)
+  raise AssertionError("the child outlived its killed parent")

@@ -64,8 +64,8 @@ SOURCES_ROOT = click.option(
     help="A folder holding each source's files as ../shared does (covid-ct/, cc-ccii/, covid-ct-md/): every source "
          "found there is built, offline.")
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-BOOTSTRAP = click.option("--bootstrap", "n_boot", type=int, default=BOOTSTRAP_RESAMPLES, show_default=True,
-                         help="Resamples behind each 95% confidence interval (0: none).")
+BOOTSTRAP = click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=BOOTSTRAP_RESAMPLES,
+                         show_default=True, help="Resamples behind each 95% confidence interval (0: none).")
 CALIBRATION = click.option("--calibration-images", type=int, default=CALIBRATION_IMAGES, show_default=True,
                            help="Train-split images that set the 8-bit ranges.")
 TARGET = click.option("--target-sensitivity", type=float, default=TARGET_SENSITIVITY, show_default=True,

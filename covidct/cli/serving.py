@@ -15,8 +15,9 @@ from covidct.cli.options import friendly
               help="Default: the copy and runtime `covidct bench` recommended for the version.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
-@click.option("--http-port", default=8080, show_default=True, type=int, help="REST: OIP v2 and TF-Serving-style v1.")
-@click.option("--grpc-port", default=8081, show_default=True, type=int, help="OIP v2 gRPC (0: off).")
+@click.option("--http-port", default=8080, show_default=True, type=click.IntRange(1, 65535),
+              help="REST: OIP v2 and TF-Serving-style v1.")
+@click.option("--grpc-port", default=8081, show_default=True, type=click.IntRange(0, 65535), help="OIP v2 gRPC (0: off).")
 @click.option("--max-batch", default=64, show_default=True, type=int, help="Most images in one request.")
 @click.option("--max-body-mb", default=32, show_default=True, type=int, help="Largest request body.")
 @click.option("--reload-seconds", default=5.0, show_default=True, type=float,
