@@ -118,7 +118,7 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from covidct.data import Selection, split_labels  # pylint: disable=import-outside-toplevel
+  from covidct.data import Selection, cap_slices, split_labels  # pylint: disable=import-outside-toplevel
   from covidct.train import train  # pylint: disable=import-outside-toplevel
 
   out = pathlib.Path(out_dir)
@@ -148,23 +148,27 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
                    "examples": int(np.sum(fold_of == i)), "positives": int(meta["labels"][fold_of == i].sum())}
                   for i in range(k)]}, indent=2))
     start = time.time()
-    probabilities, labels, times, finished, stopped = [], [], [], [], []
+    probabilities, labels, times, finished, stopped, fold_sources = [], [], [], [], [], []
     bar = tqdm(range(k), desc=f"cv {k} folds", unit="fold", disable=not progress)
     for i in bar:
       if deadline is not None and time.time() > deadline:
         stopped.append(i)
         continue
       held_out = tuple(Selection(CV_SPLIT, by_source[i][s], source=s) for s in cfg.sources)
+      scored = held_out  # with slices_per_patient, the held-out patients are scored on as many slices each
+      if cfg.slices_per_patient:
+        scored = tuple(cap_slices(h, cfg.data_dir, cfg.slices_per_patient, cfg.seed) for h in held_out)
       # keep="last": the fold's model is the whole schedule, never an epoch picked on its held-out patients
       summary = train(cfg, tmp / f"fold_{i}", verbose=verbose,
                       train_data=tuple(dataclasses.replace(h, exclude=True) for h in held_out),
-                      validation_data=held_out, deadline=deadline, keep="last")
+                      validation_data=scored, deadline=deadline, keep="last")
       if summary["stopped"]:
         stopped.append(i)
         continue
       saved = np.load(tmp / f"fold_{i}" / "validation_predictions.npz")
       probabilities.append(saved["probabilities"])
       labels.append(saved["labels"])
+      fold_sources.append(split_labels(scored, cfg.data_dir)["sources"])  # the order validation scored them in
       times.append(summary["wall_time_s"])
       finished.append(i)
       bar.set_postfix(fold_auc=f"{ranking_metrics(saved['labels'], saved['probabilities'][-1])['roc_auc']:.3f}")
@@ -178,6 +182,13 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
                   train_minutes={"mean": float(np.mean(times) / 60), "total": float(np.sum(times) / 60)},
                   wall_minutes=(time.time() - start) / 60, recipe=cfg.recipe, model=cfg.model,
                   image_size=cfg.image_size, seed=cfg.seed, sources=list(cfg.sources))
+    if len(cfg.sources) > 1:  # each source's pooled out-of-fold ROC AUC at the chosen epoch
+      best = result["epochs"] - 1
+      all_p = np.concatenate([p[best] for p in probabilities])
+      all_y, all_s = np.concatenate(labels), np.concatenate(fold_sources)
+      result["per_source"] = {s: {"images": int(np.sum(all_s == s)), "positives": int(all_y[all_s == s].sum()),
+                                  "pooled_roc_auc": ranking_metrics(all_y[all_s == s], all_p[all_s == s])["roc_auc"]}
+                              for s in cfg.sources}
     if audit:
       result["audit"] = out_of_fold_audit(tmp, result["folds"], cfg.data_dir, progress=progress, sources=cfg.sources)
     (tmp / "cv.json").write_text(json.dumps(result, indent=2))
@@ -379,6 +390,11 @@ def markdown(result: dict) -> str:
             f"train + validation for {result['epochs']} epochs: {result['threshold']:.4f}"
             + (f"; temperature fitted on the out-of-fold probabilities: {result['temperature']:.3f}."
                if "temperature" in result else ".")]
+  if result.get("per_source"):
+    lines += ["", "Each source's pooled out-of-fold ROC AUC at that epoch:", "",
+              table(["source", "images (COVID)", "pooled out-of-fold ROC AUC"],
+                    [(f"`{s}`", f"{v['images']} ({v['positives']})", f"{v['pooled_roc_auc']:.3f}")
+                     for s, v in result["per_source"].items()], align="lrr")]
   if result.get("audit"):
     lines += ["", audit_markdown(result["audit"])]
   return "\n".join(lines) + "\n"

@@ -187,6 +187,8 @@ def test_cv_over_two_sources_groups_patients_per_source(dummy_data_dir, tmp_path
   assert not seen[0] & seen[1]
   assert {p.split("/")[0] for f in seen for p in f} == {"covid_ct", "cc_ccii"}
   assert sum(f["examples"] for f in result["folds"]) == 9 + 7  # every train + validation image scored once
+  assert {s: v["images"] for s, v in result["per_source"].items()} == {"covid_ct": 9, "cc_ccii": 7}
+  assert "Each source's pooled out-of-fold ROC AUC" in (tmp_path / "cv" / "cv.md").read_text()
 
 
 def test_evaluate_puts_every_source_side_by_side_and_labels_the_external_ones(model_dir, dummy_data_dir, tmp_path):
