@@ -75,29 +75,41 @@ def measure(src: pathlib.Path, threshold: float, data_dir=None, runner=None) -> 
           "threshold": threshold, "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
 
 
-def measure_sources(runner, manifest: Manifest, data_dir=None) -> dict:
-  """The SavedModel on every prepared source's test split at the export's threshold, computed now, with each
-  source's shortcut audit (covidct.evaluate.evaluate_sources), for the model card; without the per-image
+def measure_sources(runner, manifest: Manifest, data_dir=None, shortcut_audit: bool = True) -> dict:
+  """The SavedModel on every prepared source's test split at the export's threshold, computed now (with each
+  source's shortcut audit, for the model card; covidct.evaluate.evaluate_sources); without the per-image
   predictions."""
   from covidct.evaluate import evaluate_sources  # pylint: disable=import-outside-toplevel
 
   trained = tuple((manifest.training_config or {}).get("sources") or ("covid_ct",)) \
       if manifest.training_config else None
   result = evaluate_sources(runner, runner.image_size, {"value": manifest.threshold, "from": "the export's manifest"},
-                            data_dir=data_dir, trained_on=trained)
+                            data_dir=data_dir, trained_on=trained, shortcut_audit=shortcut_audit)
   for row in result["rows"]:
     row.pop("predictions", None)
   return result
 
 
-def bless(measured: dict, current: dict | None, gate, parity_passed: bool) -> tuple[bool, list[str]]:
+def bless(measured: dict, current: dict | None, gate, parity_passed: bool,
+          sources: dict | None = None) -> tuple[bool, list[str]]:
   """Test figures against the gate's floors and against the last blessed version's (no worse by more than
-  gate.max_regression); returns (blessed, reasons it is not)."""
+  gate.max_regression); returns (blessed, reasons it is not). With `sources` (measure_sources), every other
+  source's test split must clear the same floors too, each refusal naming its source; an external site
+  (covidct.dataset.EXTERNAL_ONLY), one no model trains on, is held to the ROC AUC floor."""
+  from covidct.dataset import EXTERNAL_ONLY  # pylint: disable=import-outside-toplevel
+
   reasons = []
-  for key, floor in (("roc_auc", gate.min_roc_auc), ("sensitivity", gate.min_sensitivity),
-                     ("specificity", gate.min_specificity)):
+  floors = (("roc_auc", gate.min_roc_auc), ("sensitivity", gate.min_sensitivity), ("specificity", gate.min_specificity))
+  for key, floor in floors:
     if measured[key] < floor:
       reasons.append(f"test {key.replace('_', ' ')} {measured[key]:.3f} < {floor}")
+  for row in (sources or {}).get("rows", []):
+    if row["source"] == "covid_ct":  # `measured`, above
+      continue
+    figures = {"roc_auc": row["roc_auc"], **{k: row["at_threshold"][k] for k in ("sensitivity", "specificity")}}
+    for key, floor in floors[:1] if row["source"] in EXTERNAL_ONLY else floors:
+      if not figures[key] >= floor:  # NaN (one class only) fails too
+        reasons.append(f"{row['source']} test {key.replace('_', ' ')} {figures[key]:.3f} < {floor}")
   best = (current or {}).get("test", {}).get("roc_auc")
   if best is not None and measured["roc_auc"] < best - gate.max_regression:
     reasons.append(f"test ROC AUC {measured['roc_auc']:.3f} is worse than blessed version {current['version']} "
@@ -254,13 +266,14 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
 
   runner = SavedModelRunner(src / "saved_model")
   measured = measure(src, threshold, data_dir, runner)
+  gated = measure_sources(runner, manifest, data_dir, shortcut_audit=False)  # every prepared source's test split
   root = pathlib.Path(serving_dir)
   existing = versions(root)
   blessed = [v for v in existing if v.get("blessed")]
-  ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, manifest.parity_passed)
+  ok, reasons = bless(measured, blessed[-1] if blessed else None, gate, manifest.parity_passed, gated)
   if not ok and not force:
     raise CovidctError("not blessed: " + "; ".join(reasons) + ". Improve the model, or pass --force to push anyway.")
-  per_source = measure_sources(runner, manifest, data_dir)  # for the model card of what is pushed
+  per_source = measure_sources(runner, manifest, data_dir)  # with each source's audit, for the model card
   root.mkdir(parents=True, exist_ok=True)
   remove_stale_partials(root / "push")  # what a killed push left
   tmp = root / f".push.partial-{os.getpid()}"

@@ -139,3 +139,36 @@ def test_concurrent_pushes_get_distinct_versions(exported, dummy_data_dir, tmp_p
   assert res.exit_code == 0 and "version 3" in res.output, res.output
   assert sorted(p.name for p in serving.iterdir()) == ["1", "2", "3"]
   assert "version 3" in (serving / "3" / "MODEL_CARD.md").read_text()
+
+
+def test_the_gate_holds_every_source_to_its_floors_and_names_the_one_that_fails():
+  from covidct.config import GateConfig
+  from covidct.push import bless
+
+  good = {"roc_auc": 0.9, "sensitivity": 0.9, "specificity": 0.9}
+  sources = {"rows": [
+      {"source": "covid_ct", "roc_auc": 0.1, "at_threshold": {"sensitivity": 0.0, "specificity": 0.0}},  # `good`'s
+      {"source": "cc_ccii", "roc_auc": 0.95, "at_threshold": {"sensitivity": 0.9, "specificity": 0.3}},
+      # the external site is held to the ROC AUC floor only
+      {"source": "covid_ct_md", "roc_auc": 0.65, "at_threshold": {"sensitivity": 0.1, "specificity": 0.1}}]}
+  ok, reasons = bless(good, None, GateConfig(), True, sources)
+  assert not ok and reasons == ["cc_ccii test specificity 0.300 < 0.5", "covid_ct_md test roc auc 0.650 < 0.7"]
+  sources["rows"][1]["at_threshold"]["specificity"] = 0.6
+  sources["rows"][2]["roc_auc"] = float("nan")  # one class only: not a pass
+  assert bless(good, None, GateConfig(), True, sources)[1] == ["covid_ct_md test roc auc nan < 0.7"]
+  sources["rows"][2]["roc_auc"] = 0.71
+  assert bless(good, None, GateConfig(), True, sources) == (True, [])
+  assert bless(good, None, GateConfig(), True, None) == (True, [])  # no other source prepared: COVID-CT alone
+
+
+def test_a_push_measures_and_records_every_prepared_source(exported, dummy_data_dir, tmp_path):
+  res = CliRunner().invoke(main, ["push", str(exported), "--serving", str(tmp_path / "serving"), "--min-roc-auc",
+                                  "0", "--min-sensitivity", "0", "--min-specificity", "0", "--skip-infra-validation",
+                                  "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 0, res.output
+  blessing = json.loads((tmp_path / "serving" / "1" / "blessing.json").read_text())
+  rows = {r["source"]: r for r in blessing["sources"]["rows"]}
+  assert list(rows) == ["covid_ct", "cc_ccii", "covid_ct_md"] and "predictions" not in rows["cc_ccii"]
+  assert rows["covid_ct"]["roc_auc"] == pytest.approx(blessing["test"]["roc_auc"])
+  card = (tmp_path / "serving" / "1" / "MODEL_CARD.md").read_text()
+  assert "## Every source's test split (SavedModel, measured at push)" in card and "**external**" in card

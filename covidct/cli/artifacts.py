@@ -76,7 +76,8 @@ def verify_cmd(artifacts):
 @friendly
 def push_cmd(export_dir, serving_dir, min_roc_auc, min_sensitivity, min_specificity, max_regression, force, list_only,
              skip_infra_validation, data_dir):
-  """Verify EXPORT_DIR, measure it on the test split, bless it and push it to SERVING/<N>/ (or --list the versions)."""
+  """Verify EXPORT_DIR, measure it on every prepared source's test split, bless it against the floors (each source
+  held to them, the external site to the ROC AUC floor) and push it to SERVING/<N>/ (or --list the versions)."""
   from covidct.config import GateConfig  # pylint: disable=import-outside-toplevel
   from covidct.push import push, versions  # pylint: disable=import-outside-toplevel
 
