@@ -15,20 +15,18 @@ _DUMMY_COUNTS = {
 }
 
 
-class CovidCtTest(tfds.testing.DatasetBuilderTestCase):
-  """Generates the dataset from dummy_data through the manual_dir path and checks every split."""
+class _Patched:
+  """A mixin for the DatasetBuilderTestCases below: swaps the builder's class attributes named by `patches()` for
+  the dummy data's, for the whole test case."""
 
-  DATASET_CLASS = covid_ct_dataset_builder.Builder
-  BUILDER_CONFIG_NAMES_TO_TEST = ["covid_ct"]
-  SPLITS = {split: sum(by.values()) for split, by in _DUMMY_COUNTS.items()}
+  @classmethod
+  def patches(cls) -> dict:
+    raise NotImplementedError
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls._patches = [
-        mock.patch.object(cls.DATASET_CLASS, "EXPECTED_COUNTS", _DUMMY_COUNTS),
-        mock.patch.object(cls.DATASET_CLASS, "IMAGE_HASHES", cls.dummy_data / "image_hashes.tsv"),
-    ]
+    cls._patches = [mock.patch.object(cls.DATASET_CLASS, name, value) for name, value in cls.patches().items()]
     for p in cls._patches:
       p.start()
 
@@ -37,6 +35,18 @@ class CovidCtTest(tfds.testing.DatasetBuilderTestCase):
     for p in cls._patches:
       p.stop()
     super().tearDownClass()
+
+
+class CovidCtTest(_Patched, tfds.testing.DatasetBuilderTestCase):
+  """Generates the dataset from dummy_data through the manual_dir path and checks every split."""
+
+  DATASET_CLASS = covid_ct_dataset_builder.Builder
+  BUILDER_CONFIG_NAMES_TO_TEST = ["covid_ct"]
+  SPLITS = {split: sum(by.values()) for split, by in _DUMMY_COUNTS.items()}
+
+  @classmethod
+  def patches(cls) -> dict:
+    return {"EXPECTED_COUNTS": _DUMMY_COUNTS, "IMAGE_HASHES": cls.dummy_data / "image_hashes.tsv"}
 
   def test_examples_content(self):
     builder = self._make_builder()
@@ -75,26 +85,15 @@ _DUMMY_SOURCE_COUNTS = {
 _DUMMY_MANIFESTS = {name: _ROOT / f"{name}_files.tsv" for name in _DUMMY_SOURCE_COUNTS}
 
 
-class _SourceConfig:
-  """A source config generated from its dummy_data/<config>/ folder through the manual_dir path (a mixin: the
-  test cases below are DatasetBuilderTestCases)."""
+class _SourceConfig(_Patched):
+  """A source config generated from its dummy_data/<config>/ folder through the manual_dir path."""
 
   DATASET_CLASS = covid_ct_dataset_builder.Builder
   SKIP_CHECKSUMS = True  # built from a local copy only: nothing is downloaded
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._patches = [mock.patch.object(cls.DATASET_CLASS, "SOURCE_COUNTS", _DUMMY_SOURCE_COUNTS),
-                    mock.patch.object(cls.DATASET_CLASS, "SOURCE_MANIFESTS", _DUMMY_MANIFESTS)]
-    for p in cls._patches:
-      p.start()
-
-  @classmethod
-  def tearDownClass(cls):
-    for p in cls._patches:
-      p.stop()
-    super().tearDownClass()
+  def patches(cls) -> dict:
+    return {"SOURCE_COUNTS": _DUMMY_SOURCE_COUNTS, "SOURCE_MANIFESTS": _DUMMY_MANIFESTS}
 
   def _examples(self, config):
     builder = self._make_builder(config=config)
