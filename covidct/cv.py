@@ -196,7 +196,19 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
   return result
 
 
-def leave_one_source_out(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 0,
+def protocol(cfg: TrainConfig, out_dir, leave_one_source_out: bool = False, **kwargs) -> tuple[dict, dict | None]:
+  """`covidct cv`: the patient-grouped folds (cross_validate, with `kwargs`) and, with `leave_one_source_out`, each
+  source held out in turn (leave_one_source_out, into out_dir/loso/). Returns (the folds' summary, the
+  leave-one-source-out summary or None)."""
+  if leave_one_source_out and len(cfg.sources) < 2:  # refused before anything is trained
+    raise CovidctError("--leave-one-source-out needs at least two --sources, e.g. covid_ct,cc_ccii.")
+  result = cross_validate(cfg, out_dir, **kwargs)
+  if not leave_one_source_out:
+    return result, None
+  return result, held_out_sources(cfg, pathlib.Path(out_dir) / "loso", verbose=kwargs.get("verbose", 0))
+
+
+def held_out_sources(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 0,
                          progress: bool = True) -> dict:
   """Leave-one-source-out: for each source of `cfg.sources`, a model trained on the other sources' train +
   validation (the option's whole schedule, the last epoch kept) scores the held-out source's train + validation

@@ -51,22 +51,17 @@ def train_cmd(out_dir, overwrite, quiet, **options):
 @friendly
 def cv_cmd(out_dir, folds, fold_seed, target_sensitivity, max_minutes, loso, overwrite, quiet, **options):
   """Cross-validate a training option on train + validation (patient-grouped folds; never reads test)."""
-  import pathlib  # pylint: disable=import-outside-toplevel
-
-  from covidct.config import config_from_options  # pylint: disable=import-outside-toplevel
   from covidct import cv  # pylint: disable=import-outside-toplevel
-  from covidct.errors import CovidctError  # pylint: disable=import-outside-toplevel
+  from covidct.config import config_from_options  # pylint: disable=import-outside-toplevel
   from covidct.fsutil import refuse_existing  # pylint: disable=import-outside-toplevel
 
   refuse_existing(out_dir, overwrite)
-  cfg = config_from_options(**options)
-  if loso and len(cfg.sources) < 2:
-    raise CovidctError("--leave-one-source-out needs at least two --sources, e.g. covid_ct,cc_ccii.")
-  result = cv.cross_validate(cfg, out_dir, **given(k=folds, fold_seed=fold_seed, target_sensitivity=target_sensitivity,
-                          max_minutes=max_minutes), overwrite=overwrite, verbose=0 if quiet else 2)
+  result, held = cv.protocol(config_from_options(**options), out_dir, leave_one_source_out=loso, overwrite=overwrite,
+                             verbose=0 if quiet else 2, **given(k=folds, fold_seed=fold_seed,
+                                                                target_sensitivity=target_sensitivity,
+                                                                max_minutes=max_minutes))
   click.echo(cv.markdown(result) + f"\nWritten to {out_dir}/cv.md")
-  if loso:
-    held = cv.leave_one_source_out(cfg, pathlib.Path(out_dir) / "loso", verbose=0 if quiet else 2)
+  if held is not None:
     click.echo("\n" + cv.loso_markdown(held) + f"\nWritten to {out_dir}/loso/loso.md")
 
 
