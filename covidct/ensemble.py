@@ -38,7 +38,7 @@ def ensemble_runs(run_dirs, out_dir, overwrite: bool = False) -> dict:
 
   run_dirs = [pathlib.Path(r) for r in run_dirs]
   out = pathlib.Path(out_dir)
-  refuse_existing(out, overwrite)
+  refuse_existing(out, overwrite, inputs=run_dirs)
   if out.resolve() in {r.resolve() for r in run_dirs}:
     raise CovidctError(f"the output folder {out} is one of the members; choose another.")
   model = build_ensemble([load_run_model(r) for r in run_dirs])

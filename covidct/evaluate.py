@@ -345,7 +345,8 @@ def evaluate_models(models, *, split: str = "test", out_dir=None, target_sensiti
   path = pathlib.Path(models[0])
   name = f"evaluation-{pathlib.Path(folder).name if folder else split}"
   out = pathlib.Path(out_dir) if out_dir else (path / name if path.is_dir() else path.with_name(f"{path.stem}-{name}"))
-  refuse_existing(out, overwrite)
+  refuse_existing(out, overwrite, inputs=(*models, *([folder] if folder else []),
+                                          *([patients_csv] if patients_csv else [])))
   runners = [load_runner(m) for m in models]
   runner = runners[0] if len(runners) == 1 else EnsembleRunner(runners)
   if tta:

@@ -11,8 +11,16 @@ import shutil
 from covidct.errors import CovidctError
 
 
-def refuse_existing(out, overwrite: bool = False) -> None:
-  """Raises unless `out` is free (or `overwrite`): checked before any slow work starts."""
+def refuse_existing(out, overwrite: bool = False, inputs=()) -> None:
+  """Raises unless `out` is free (or `overwrite`): checked before any slow work starts. Whatever `overwrite` says,
+  `out` may not be one of the command's `inputs` nor a folder holding one: replacing it would delete what the
+  command reads (`export RUN --out RUN --overwrite` once replaced a training run with its export)."""
+  target = pathlib.Path(out).resolve()
+  for given in inputs:
+    source = pathlib.Path(given).resolve()
+    if source == target or target in source.parents:
+      raise CovidctError(f"output folder {out} {'is' if source == target else 'holds'} this command's input "
+                         f"{given}; writing there would delete it. Choose another --out.")
   if pathlib.Path(out).exists() and not overwrite:
     raise CovidctError(f"output folder {out} exists; choose another or pass --overwrite.")
 

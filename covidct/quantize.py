@@ -209,7 +209,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
     raise CovidctError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS_CHOICES))}, got {weight_bits}.")
   run = pathlib.Path(run_dir)
   out = pathlib.Path(out_dir)
-  refuse_existing(out, overwrite)
+  refuse_existing(out, overwrite, inputs=(run,))
   source_cfg = read_run_config(run)
   if source_cfg.get("quantization_aware"):
     raise CovidctError(f"{run} is already quantization-aware; pass the float run it came from.")

@@ -81,7 +81,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
   """
   formats = parse_formats(formats)
   out = pathlib.Path(out_dir)
-  refuse_existing(out, overwrite)
+  refuse_existing(out, overwrite, inputs=(model_dir,))
   saved_model = resolve_saved_model(model_dir)
   training_config = read_run_config(model_dir) or None
   quantization_aware = is_quantization_aware(saved_model)

@@ -302,6 +302,14 @@ CASES = [
      "test roc_auc 'high' is not a number from 0 to 1"),
     ("push --list: blessed a string", lambda c: ["push", "--list", "--serving", _blessing(c, '{"blessed": "yes"}')],
      1, "'blessed' is not true or false"),
+    ("export: the output is its own input", lambda c: ["export", str(_copy(c["model_dir"], c["tmp"] / "run")),
+                                                      "--out", str(c["tmp"] / "run"), "--overwrite"], 1,
+     "is this command's input"),
+    ("evaluate: the output holds the model", lambda c: ["evaluate", _lone(c), "--folder", _class_folders(c), "--out",
+                                                        str(c["tmp"] / "lone"), "--overwrite"], 1,
+     "holds this command's input"),
+    ("qat: the output is the run", lambda c: ["qat", str(_copy(c["model_dir"], c["tmp"] / "run")), "--out",
+                                              str(c["tmp"] / "run"), "--overwrite"], 1, "is this command's input"),
     ("evaluate: negative bootstrap", lambda c: ["evaluate", str(c["model_dir"]), "--bootstrap", "-5", "--out",
                                                 str(c["tmp"] / OUT), "--data-dir", c["data"]], 2,
      "is not in the range x>=0"),
@@ -431,7 +439,7 @@ def _junk_vectors(ctx):
 
 
 def test_the_suite_is_large_enough():
-  assert len(CASES) >= 97 and len({c[0] for c in CASES}) == len(CASES)
+  assert len(CASES) >= 100 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("argv, code, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
