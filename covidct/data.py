@@ -262,10 +262,11 @@ def _source_dataset(selection: Selection, data_dir) -> tf.data.Dataset:
 
 
 def load_split(split: View, data_dir: str | None, image_size: int,
-               with_meta: bool = False, variants: bool = False) -> tf.data.Dataset:
+               with_meta: bool = False, variants: bool = False, size: int | None = None) -> tf.data.Dataset:
   """Resized (uint8) examples of one split, Selection or view (several sources, one after another): (image, label)
   or, with_meta, dicts with patient_id, filename and dataset. With `variants`, each image is
-  (len(RESIZE_VARIANTS), size, size, 1): every resize method."""
+  (len(RESIZE_VARIANTS), size, size, 1): every resize method. `size`, when the caller knows how many examples a
+  filtered view holds, spares the pass over its labels that counts them."""
   selections = as_selections(split)
   ds = None
   for selection in selections:
@@ -273,7 +274,8 @@ def load_split(split: View, data_dir: str | None, image_size: int,
     ds = part if ds is None else ds.concatenate(part)
   if any(s.patients is not None or s.files is not None or s.label is not None for s in selections):
     # a filter hides the size, which Keras wants to know for its epochs
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(split_labels(selections, data_dir)["labels"])))
+    count = size if size is not None else len(split_labels(selections, data_dir)["labels"])
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
 
   def prep(e):
     out = {"image": (resize_variants if variants else resize_image)(e["image"], image_size), "label": e["label"]}
@@ -345,9 +347,10 @@ def training_view(cfg, split) -> tuple[Selection, ...]:
   return selections
 
 
-def _prepared(selection, data_dir, image_size, variants: bool, lung_crop: str, cache: bool) -> tf.data.Dataset:
+def _prepared(selection, data_dir, image_size, variants: bool, lung_crop: str, cache: bool,
+              size: int | None = None) -> tf.data.Dataset:
   """(image, label) of one selection: resized (or every resize variant), cut to the lungs with `lung_crop`, cached."""
-  ds = load_split(selection, data_dir, image_size, variants=variants)
+  ds = load_split(selection, data_dir, image_size, variants=variants, size=size)
   if lung_crop:
     from covidct.audit import crop_to_lungs  # pylint: disable=import-outside-toplevel
 
@@ -378,7 +381,7 @@ def build_inputs(split: View, *, data_dir: str | None = None, image_size: int = 
     raise CovidctError("--lung-crop and --resize-methods cannot be combined yet; choose one.")
   if training and mix is not None:
     streams = mix.streams(as_selections(split), data_dir)
-    parts = [_prepared(sel, data_dir, image_size, variants, lung_crop, cache)
+    parts = [_prepared(sel, data_dir, image_size, variants, lung_crop, cache, size=n)
              .repeat().shuffle(min(shuffle_buffer, n), seed=seed + i, reshuffle_each_iteration=True)
              for i, (sel, _, n) in enumerate(streams)]
     epoch = mix.epoch_images or sum(n for _, _, n in streams)

@@ -65,7 +65,7 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
 
 def evaluate_sources(predict: Callable[[np.ndarray], np.ndarray], image_size: int, threshold: dict, data_dir=None,
                      sources=None, trained_on=None, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                     shortcut_audit: bool = True, progress=None) -> dict:
+                     shortcut_audit: bool = True, progress=None, done: dict | None = None) -> dict:
   """Every source's test split side by side, at one operating threshold: how far a model holds up beyond the
   source it learned from.
 
@@ -80,6 +80,8 @@ def evaluate_sources(predict: Callable[[np.ndarray], np.ndarray], image_size: in
     shortcut_audit: each source's shortcut audit (covidct.audit), with the image-statistics baseline fitted on the
       source's own train split where it has one.
     progress: called with one line per source.
+    done: {source: an `evaluate` report of its test split}: taken as it is, not scored again, where it was made at
+      this same threshold (and, with `shortcut_audit`, holds its audit).
 
   Returns:
     {'threshold', 'trained_on', 'rows': [{'source', 'external', 'examples', 'positives', 'patients', 'roc_auc',
@@ -95,9 +97,17 @@ def evaluate_sources(predict: Callable[[np.ndarray], np.ndarray], image_size: in
   for source in (s for s in wanted if s in ready):
     if progress is not None:
       progress(f"    {source} test split")
+    external = None if trained_on is None else source not in trained_on
+    report = (done or {}).get(source)
+    if (report is not None and report.get("split") == "test" and report["threshold"]["value"] == threshold["value"]
+        and report["bootstrap"]["resamples"] == n_boot and (report.get("shortcut_audit") or not shortcut_audit)):
+      keys = ("examples", "positives", "patients", "roc_auc", "pr_auc", "at_0.5", "at_threshold", "ci95",
+              "shortcut_audit")
+      rows.append({"source": source, "external": external, **{k: report[k] for k in keys if k in report}})
+      continue
     data = eval_set(source, "test", image_size, data_dir, raw=shortcut_audit)
     p = np.asarray(predict(data.images), dtype=np.float64).reshape(-1)
-    row = {"source": source, "external": None if trained_on is None else source not in trained_on,
+    row = {"source": source, "external": external,
            "examples": int(len(p)), "positives": int(data.labels.sum()),
            "patients": int(len(np.unique(data.patient_ids))),
            **evaluate_probabilities(data.labels, p, data.patient_ids, float(threshold["value"]), n_boot=n_boot,
@@ -368,7 +378,8 @@ def evaluate_models(models, *, split: str = "test", out_dir=None, target_sensiti
       own = model_threshold(models[0]) if len(models) == 1 else {"from": "default"}
       operating = own if not own["from"].startswith("default") else report["threshold"]
       report["sources"] = evaluate_sources(runner, runner.image_size, operating, data_dir=data_dir, sources=sources,
-                                           trained_on=trained, n_boot=n_boot, progress=progress)
+                                           trained_on=trained, n_boot=n_boot, progress=progress,
+                                           done={first: report})
   report["model"] = [str(m) for m in models] if len(models) > 1 else str(path)
   report["test_time_augmentation"] = "horizontal flip" if tta else None
   title = (f"Evaluation of {' + '.join(pathlib.Path(m).name for m in models)}{' with flip TTA' if tta else ''}"

@@ -109,7 +109,7 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
                     threshold=threshold)
   report["sources"] = evaluate_sources(runner, runner.image_size, report["threshold"], data_dir=data_dir,
                                        sources=tuple(manual_dirs), trained_on=cfg.sources, n_boot=n_boot,
-                                       progress=echo)
+                                       progress=echo, done={"covid_ct": report})
   write_report(report, model_dir / "evaluation-test")
   step("evaluate")
   echo("4/6 export and parity")
