@@ -63,6 +63,54 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], image_size: int, data_
   return report
 
 
+def calibration_threshold(predict: Callable[[np.ndarray], np.ndarray], image_size: int, sources, data_dir=None,
+                          target_sensitivity: float = TARGET_SENSITIVITY, n_boot: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = 0) -> dict:
+  """The operating threshold fitted on a calibration split: the validation split of every source in `sources`, data
+  the model neither trained on nor chose anything on (train with keep='last'). The highest threshold that reaches
+  `target_sensitivity` on each source's validation split, so one source with fewer or harder COVID images does not
+  fall below it; and what to expect at it, per source, with 95% CIs by bootstrap over patients.
+
+  Returns {'value', 'chosen_on', 'target_sensitivity', 'per_source': [{'source', 'examples', 'positives',
+  'patients', 'threshold' (that source's own), 'roc_auc', 'sensitivity', 'specificity', 'ci95'}]}, the shape of
+  the `threshold` argument of evaluate and export_model."""
+  from covidct.data import eval_set  # pylint: disable=import-outside-toplevel
+
+  scored = []
+  for source in sources:
+    data = eval_set(source, "validation", image_size, data_dir)
+    p = np.asarray(predict(data.images), dtype=np.float64).reshape(-1)
+    scored.append((source, data, p, choose_threshold(data.labels, p, target_sensitivity)))
+  value = min(t for *_, t in scored)
+  per_source = []
+  for source, data, p, own in scored:
+    figures = evaluate_probabilities(data.labels, p, data.patient_ids, value, n_boot=n_boot, seed=seed)
+    per_source.append({"source": source, "examples": int(len(p)), "positives": int(data.labels.sum()),
+                       "patients": int(len(np.unique(data.patient_ids))), "threshold": own,
+                       "roc_auc": figures["roc_auc"], **{k: figures["at_threshold"][k]
+                                                         for k in ("sensitivity", "specificity")},
+                       "ci95": {k: figures["ci95"][k] for k in ("sensitivity", "specificity") if k in figures["ci95"]}})
+  names = " + ".join(sources)
+  return {"value": value, "target_sensitivity": target_sensitivity, "per_source": per_source,
+          "chosen_on": f"the validation splits of {names} (a calibration split the model never trained on): the "
+                       f"highest threshold with sensitivity >= {target_sensitivity:.2f} on each"}
+
+
+def calibration_markdown(threshold: dict) -> str:
+  """What the calibration split says to expect at the shipped threshold, per source."""
+  from covidct.reporting import table  # pylint: disable=import-outside-toplevel
+
+  rows = [(f"`{r['source']}`", f"{r['examples']} ({r['positives']})", r["patients"], f"{r['threshold']:.4f}",
+           f"{r['roc_auc']:.3f}", fmt_ci(r["sensitivity"], r["ci95"].get("sensitivity")),
+           fmt_ci(r["specificity"], r["ci95"].get("specificity"))) for r in threshold["per_source"]]
+  return "\n".join([
+      "## The operating point, fitted on a calibration split", "",
+      f"Threshold {threshold['value']:.4f}, chosen on {threshold['chosen_on']}. What to expect at it on new images "
+      "from these sources (each validation split at the shipped threshold; 95% CIs by bootstrap over patients):", "",
+      table(["validation split", "images (COVID)", "patients", "own threshold", "ROC AUC", "sensitivity",
+             "specificity"], rows, align="lrrrrrr")]) + "\n"
+
+
 def evaluate_sources(predict: Callable[[np.ndarray], np.ndarray], image_size: int, threshold: dict, data_dir=None,
                      sources=None, trained_on=None, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                      shortcut_audit: bool = True, progress=None, done: dict | None = None) -> dict:

@@ -89,3 +89,18 @@ class QuantConv(keras.layers.Layer):
     return {**super().get_config(), "kind": self.kind, "kernel_shape": list(self.kernel_shape),
             "strides": list(self.strides), "padding": self.padding, "quantize_weights": self.quantize_weights,
             "weight_bits": self.weight_bits}
+
+
+@keras.saving.register_keras_serializable(package="covidct")
+class PerImageStandardize(keras.layers.Layer):
+  """Each image to zero mean and unit standard deviation over its own pixels, then mapped to 0.5 + z / 4 (two
+  standard deviations either side of the mean span [0, 1], what the backbone's input path expects). Sources window
+  and export their scans differently: this removes each image's overall brightness and contrast before the network
+  reads it. The standard deviation is floored at one grey level (a blank image stays finite)."""
+
+  def call(self, x):
+    from keras import ops  # pylint: disable=import-outside-toplevel
+
+    mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+    std = ops.sqrt(ops.mean(ops.square(x - mean), axis=(1, 2, 3), keepdims=True))
+    return 0.5 + (x - mean) / ops.maximum(std, 1.0 / 255.0) * 0.25

@@ -167,6 +167,10 @@ def build_model(cfg):
     raise CovidctError(f"unknown model {cfg.model!r}; choose one of {', '.join(sorted(MODELS))}.")
   inputs = keras.Input(shape=(cfg.image_size, cfg.image_size, 1), dtype="float32", name=INPUT_NAME)
   x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+  if cfg.normalize == "image":
+    from covidct.layers import PerImageStandardize  # pylint: disable=import-outside-toplevel
+
+    x = PerImageStandardize(name="per_image_standardize")(x)
   if cfg.blur:
     # A fixed Gaussian low-pass on every image, in training and in every exported copy: equal sharpness for
     # every source (train COVID images are smaller, so blurrier once resized, than the rest).

@@ -37,8 +37,9 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
     record: the recipe's covidct.config.CrossValidated ('auto': the one in CROSS_VALIDATED, unless the overrides
       change the schedule it was chosen for). With a record the model trains on all of train + validation for its
       epochs, is made quantization-aware at its temperature (`covidct qat`, calibration only) and ships with its
-      out-of-fold threshold. Without one it trains on train, keeps its best validation epoch, and the threshold is
-      chosen on validation.
+      out-of-fold threshold. Without one it trains on train (the recipe's whole schedule when its patience is 0, else
+      its best validation epoch), and the threshold is fitted on the validation splits of every source it trained on
+      (covidct.evaluate.calibration_threshold: each reaches the target sensitivity), what the report says to expect.
     echo: called with one line per step.
   Returns:
     The path of report.md.
@@ -48,7 +49,8 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
   from covidct import dataset  # pylint: disable=import-outside-toplevel
   from covidct.config import CROSS_VALIDATED, resolve  # pylint: disable=import-outside-toplevel
   from covidct.data import Selection  # pylint: disable=import-outside-toplevel
-  from covidct.evaluate import evaluate, evaluate_sources, write_report  # pylint: disable=import-outside-toplevel
+  from covidct.evaluate import (  # pylint: disable=import-outside-toplevel
+      calibration_threshold, evaluate, evaluate_sources, write_report)
   from covidct.push import push  # pylint: disable=import-outside-toplevel
   from covidct.quantize import qat  # pylint: disable=import-outside-toplevel
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
@@ -87,10 +89,16 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
   out.mkdir(parents=True)
   threshold = None
   if record is None:
-    echo("2/6 training on train (the best validation epoch is kept)")
-    summary = train(cfg, out / "model", verbose=2)
+    keep = "best" if cfg.patience else "last"
+    echo("2/6 training on train" + (" (the best validation epoch is kept)" if keep == "best" else
+                                    f" for the recipe's {cfg.head_epochs + cfg.epochs} epochs (validation untouched)"))
+    summary = train(cfg, out / "model", verbose=2, keep=keep)
     model_dir = out / "model"
     step("train")
+    echo(f"    operating threshold on the validation splits of {', '.join(cfg.sources)} (the calibration split)")
+    runner = SavedModelRunner(model_dir / "saved_model")
+    threshold = calibration_threshold(runner, runner.image_size, cfg.sources, data_dir=data_dir, n_boot=n_boot)
+    step("calibrate")
   else:
     echo(f"2/6 training on train + validation for the {record.epochs} epochs cross-validation chose")
     summary = train(cfg, out / "model", verbose=2, train_data=Selection(CV_SPLIT), keep="last")
@@ -135,17 +143,20 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
   step("push")
   times["total"] = round(time.time() - start, 1)
   (out / "report.md").write_text(_report(cfg, summary, manifest, pushed, parity_error, times, out, bench,
-                                         report.get("shortcut_audit"), record, model_dir, report.get("sources")))
+                                         report.get("shortcut_audit"), record, model_dir, report.get("sources"),
+                                         threshold))
   echo(f"report: {out / 'report.md'}")
   return out / "report.md"
 
 
 def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, bench, audit=None, record=None,
-            model_dir=None, sources=None) -> str:
+            model_dir=None, sources=None, threshold=None) -> str:
   test = manifest.metrics["saved_model"]["test"]
   ci = test.get("ci95", {})
   at = test["at_threshold"]
-  if record is None:
+  if record is None and summary.get("kept") == "last":
+    trained = f"trained on train for {summary['epochs_run']} epochs (all kept; validation untouched)."
+  elif record is None:
     trained = (f"trained on train; best epoch {summary['best_epoch']} of {summary['epochs_run']} (validation "
                f"{cfg.monitor}).")
   else:
@@ -173,6 +184,10 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
             [(m, f"{test['at_0.5'][m]:.3f}", fmt_ci(at[m], ci.get(m)))
              for m in ("sensitivity", "specificity", "precision", "accuracy", "f1")]),
   ]
+  if threshold and threshold.get("per_source"):
+    from covidct.evaluate import calibration_markdown  # pylint: disable=import-outside-toplevel
+
+    lines += ["", calibration_markdown(threshold).rstrip()]
   if audit:
     from covidct.audit import markdown as audit_markdown  # pylint: disable=import-outside-toplevel
 

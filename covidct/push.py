@@ -119,6 +119,18 @@ def bless(measured: dict, current: dict | None, gate, parity_passed: bool,
   return not reasons, reasons
 
 
+def _expected_lines(threshold: dict) -> str:
+  """What the calibration split said to expect at the shipped threshold, per source ('' when none was fitted)."""
+  expected = threshold.get("expected") or []
+  if not expected:
+    return ""
+  rows = [(f"`{r['source']}` validation", f"{r['examples']} ({r['positives']})", fmt_ci(r["sensitivity"],
+           r.get("ci95", {}).get("sensitivity")), fmt_ci(r["specificity"], r.get("ci95", {}).get("specificity")))
+          for r in expected]
+  return ("\nExpected at this threshold, from the calibration split it was fitted on (data the model never trained "
+          "on):\n\n" + table(["split", "images (COVID)", "sensitivity", "specificity"], rows, align="lrrr") + "\n")
+
+
 def model_card(manifest: Manifest, version: int, sources: dict | None = None) -> str:
   from tfds_covidct.covid_ct.covid_ct_dataset_builder import Builder  # pylint: disable=import-outside-toplevel
 
@@ -164,14 +176,15 @@ the dataset card; a source the model never trained on is marked external below.
 ## Metrics (test split, SavedModel)
 Operating threshold {thr['value']:.4f}, chosen on {thr.get('chosen_on', 'validation')} for sensitivity >= {thr['target_sensitivity']}.
 Confidence intervals: bootstrap over patients.
-
+{_expected_lines(thr)}
 {metrics}
 {per_source}
 ## Artifacts
 {rows}
 {qat}
 ## Known limits
-- One small dataset (746 slices); metrics have wide confidence intervals.
+- Small datasets: COVID-CT has 746 slices; CC-CCII's 5,605 come from only 299 patients (its test split from 60).
+  Metrics have wide confidence intervals.
 - **Source and label are one variable.** Every COVID image is a figure cut from a paper; every non-COVID image was
   crawled from the web or taken from MedPix. On the test split, a logistic regression on how the file looks (JPEG
   or PNG, grey-level mean, size; no model, no lungs) ranks the scans about as well as the fine-tuned networks do,

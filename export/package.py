@@ -96,6 +96,7 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
                      arrays=arrays)
   ref_test = evaluate(reference, size, data_dir=data_dir, split="test", target_sensitivity=target_sensitivity,
                       n_boot=n_boot, arrays=arrays, threshold=threshold, shortcut_audit=shortcut_audit is None)
+  given = threshold
   threshold, chosen_on = ref_test["threshold"]["value"], ref_test["threshold"]["chosen_on"]
   val_metrics = _summary(ref_val)
   trained = trained_on(model_dir)
@@ -110,7 +111,9 @@ def export_model(model_dir, out_dir, formats="all", data_dir=None, overwrite: bo
       "output": {"name": OUTPUT_NAME, "shape": [None, 1], "dtype": "float32", "meaning": "P(COVID)"},
       "preprocessing": PREPROCESSING.replace("SxS", f"{size}x{size}"),
       "operating_threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
-                              "chosen_on": chosen_on},
+                              "chosen_on": chosen_on,
+                              # a calibration split's figures at it (covidct.evaluate.calibration_threshold)
+                              **({"expected": given["per_source"]} if (given or {}).get("per_source") else {})},
   }
   with atomic_dir(out, overwrite) as tmp:
     progress("writing the serving SavedModel (serving_default, serving_bytes, TF Serving warmup)")

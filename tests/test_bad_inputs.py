@@ -380,6 +380,27 @@ CASES = [
     # verify
     ("verify: a lone copy without vectors", lambda c: ["verify", _lone(c)], 1, "no test vectors"),
     ("verify: junk vectors", lambda c: ["verify", _junk_vectors(c)], 1, "are damaged"),
+    # each kind of damage to a vector file is one line naming it, never a traceback nor a pass (issue 32)
+    ("verify: truncated .npz", lambda c: ["verify", _npz_vectors(c, truncate=True)], 1, "are damaged"),
+    ("verify: vectors with no image", lambda c: ["verify", _npz_vectors(c, n=0)], 1, "hold no image"),
+    ("verify: 8 images, 3 answers", lambda c: ["verify", _npz_vectors(c, answers=3)], 1, "need 8 probabilities"),
+    ("verify: an array as tolerance", lambda c: ["verify", _npz_vectors(c, tolerance=[0.1, 0.2])], 1,
+     "must be one number"),
+    ("verify: an infinite tolerance", lambda c: ["verify", _npz_vectors(c, tolerance=float("inf"))], 1,
+     "must be one number from 0 to 0.1"),
+    ("verify: a negative tolerance", lambda c: ["verify", _npz_vectors(c, tolerance=-1.0)], 1, "must be one number"),
+    ("verify: float images", lambda c: ["verify", _npz_vectors(c, dtype="float32")], 1, "not uint8"),
+    ("verify: probabilities out of range", lambda c: ["verify", _npz_vectors(c, scale=5.0)], 1, "in [0, 1]"),
+    ("verify: random bytes as input_0.pb", lambda c: ["verify", _onnx_vectors(c, "input_0.pb", os.urandom(300))], 1,
+     "are damaged"),
+    ("verify: tolerance.json a list", lambda c: ["verify", _onnx_vectors(c, "../tolerance.json", b"[1, 2]")], 1,
+     "are damaged"),
+    ("verify: tolerance.json null", lambda c: ["verify", _onnx_vectors(c, "../tolerance.json",
+                                                                      b'{"max_abs_diff": null}')], 1,
+     "must be one number"),
+    ("verify: tolerance.json raised to 1e9", lambda c: ["verify", _onnx_vectors(c, "../tolerance.json",
+                                                                               b'{"max_abs_diff": 1e9}')], 1,
+     "must be one number from 0 to 0.1"),
     # bench
     ("bench: not an export", lambda c: ["bench", str(c["tmp"]), "--out", str(c["tmp"] / OUT)], 1,
      "has no manifest.json"),
@@ -436,6 +457,34 @@ def _junk_vectors(ctx):
   for f in (copy / "test_data").rglob("*.npz"):
     f.write_bytes(b"junk")
   return str(copy / "model_float32.tflite")
+
+
+def _npz_vectors(ctx, truncate=False, n=None, answers=None, tolerance=None, dtype=None, scale=None):
+  import numpy as np
+
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  path = copy / "test_data" / "model_float32.npz"
+  if truncate:
+    path.write_bytes(path.read_bytes()[:-200])
+    return str(copy / "model_float32.tflite")
+  with np.load(path) as z:
+    arrays = dict(z)
+  images, probs = arrays["image"], arrays["covid_probability"]
+  if n is not None:
+    images, probs = images[:n], probs[:n]
+  if answers is not None:
+    images, probs = np.concatenate([images] * (8 // len(images) + 1))[:8], probs[:answers]
+  arrays.update(image=images.astype(dtype) if dtype else images, covid_probability=probs * (scale or 1))
+  if tolerance is not None:
+    arrays["tolerance"] = np.asarray(tolerance)
+  np.savez(path, **arrays)
+  return str(copy / "model_float32.tflite")
+
+
+def _onnx_vectors(ctx, name, content: bytes):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  (copy / "test_data" / "model_float32" / "test_data_set_0" / name).write_bytes(content)
+  return str(copy / "model_float32.onnx")
 
 
 def test_the_suite_is_large_enough():

@@ -85,3 +85,28 @@ def test_blur_is_a_fixed_gaussian_inside_the_model(tmp_path):
   model.save(tmp_path / "m.keras")
   again = keras.saving.load_model(tmp_path / "m.keras")
   np.testing.assert_array_equal(again.get_layer("blur").get_weights()[0], layer.get_weights()[0])
+
+
+def test_per_image_standardisation_removes_each_images_brightness_and_contrast(tmp_path):
+  """`normalize='image'`: inside the model, after the rescaling, so every copy carries it; an image and the same
+  image brighter and with more contrast reach the network alike, and the model saves and loads with it."""
+  import keras
+
+  assert "per_image_standardize" not in [l.name for l in build_model(resolve(model="final", image_size=32)).layers]
+  model = build_model(resolve(model="final", image_size=32, normalize="image"))
+  assert [l.name for l in model.layers][1:3] == ["rescale", "per_image_standardize"]
+  rng = np.random.default_rng(0)
+  image = rng.uniform(60, 160, (1, 32, 32, 1)).astype(np.float32)
+  brighter = np.clip((image - image.mean()) * 1.5 + image.mean() + 30, 0, 255)  # no clipping at these levels
+  blank = np.full((1, 32, 32, 1), 7.0, np.float32)
+  inner = keras.Model(model.input, model.get_layer("per_image_standardize").output)
+  out = inner(np.concatenate([image, brighter, blank])).numpy()
+  np.testing.assert_allclose(out[0], out[1], atol=1e-5)
+  assert abs(out[0].mean() - 0.5) < 1e-5 and abs(out[0].std() - 0.25) < 1e-4
+  np.testing.assert_allclose(out[2], 0.5, atol=1e-6)  # a blank image: its own mean, no division by zero
+  np.testing.assert_allclose(model(image).numpy(), model(brighter).numpy(), atol=1e-5)
+  model.save(tmp_path / "m.keras")
+  again = keras.saving.load_model(tmp_path / "m.keras")
+  np.testing.assert_allclose(again(image).numpy(), model(image).numpy(), atol=1e-6)
+  with pytest.raises(CovidctError, match="normalize must be 'image'"):
+    resolve(normalize="histogram")

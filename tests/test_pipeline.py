@@ -16,21 +16,38 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
 
   if not (KERAS_WEIGHTS / mobilenet_weights_file(0.35)).exists():
     pytest.skip(reason=f"the MobileNetV2 weight files are not in {KERAS_WEIGHTS}")
-  # The default recipe (the model of record's) with a smaller schedule: the cross-validated record then does not
-  # apply, so it trains on train and takes its threshold on validation (the record's path: the next test).
+  # The two-source recipe with a smaller schedule: no cross-validated record, so it trains on train for the whole
+  # schedule and fits its threshold on the validation splits of both sources (the record's path: the next test).
   # Trained on two sources (one slice per patient), evaluated on all three: COVID-CT-MD is an external site.
   res = CliRunner().invoke(main, ["pipeline", "--out", str(tmp_path / "job"), "--manual-dir", str(DUMMY_DATA),
                                   "--manual-dir", f"cc_ccii={DUMMY_DATA / 'cc_ccii'}", "--manual-dir",
-                                  f"covid_ct_md={DUMMY_DATA / 'covid_ct_md'}", "--sources", "covid_ct,cc_ccii",
+                                  f"covid_ct_md={DUMMY_DATA / 'covid_ct_md'}", "--recipe", "mixed",
                                   "--slices-per-patient", "1",
                                   "--data-dir", str(tmp_path / "tfds"), "--weights-dir", str(KERAS_WEIGHTS),
                                   "--model", "mobilenet_v2_0.35", "--head-epochs", "1", "--epochs", "1",
                                   "--image-size", "48", "--formats", "tflite_float32,onnx_float32", "--bootstrap",
                                   "20", "--force-push"])
   assert res.exit_code == 0, res.output
-  assert "Recipe `finetune`, model `mobilenet_v2_0.35`" in res.output and "trained on train; best epoch" in res.output
-  assert "trained on `covid_ct` + `cc_ccii`" in res.output
+  assert "Recipe `mixed`, model `mobilenet_v2_0.35`" in res.output
+  assert "trained on `covid_ct` + `cc_ccii`; trained on train for 2 epochs (all kept; validation untouched)" in res.output
   job = tmp_path / "job"
+  # The shipped threshold is fitted on the calibration split: the highest one that reaches the target sensitivity on
+  # each training source's validation split, whose figures at it the report states.
+  from covidct.config import TARGET_SENSITIVITY
+  from covidct.data import eval_set
+  from covidct.manifest import Manifest
+  from covidct.metrics import choose_threshold, threshold_metrics
+  from covidct.runners import SavedModelRunner
+
+  runner = SavedModelRunner(job / "model" / "saved_model")
+  val = {s: eval_set(s, "validation", 48, str(tmp_path / "tfds")) for s in ("covid_ct", "cc_ccii")}
+  probs = {s: runner(v.images).ravel() for s, v in val.items()}
+  shipped = Manifest.load(job / "export").threshold
+  assert shipped == pytest.approx(min(choose_threshold(val[s].labels, probs[s]) for s in val), abs=1e-6)
+  for s, v in val.items():
+    assert threshold_metrics(v.labels, probs[s], shipped)["sensitivity"] >= TARGET_SENSITIVITY
+  calibration = res.output.split("## The operating point, fitted on a calibration split")[1].split("##")[0]
+  assert "`covid_ct`" in calibration and "`cc_ccii`" in calibration and f"{shipped:.4f}" in calibration
   report = (job / "report.md").read_text()
   card = (job / "serving" / "1" / "MODEL_CARD.md").read_text()
   for text in (report, card):
@@ -48,9 +65,8 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
     assert (job / path).exists(), path
   times = dict(part.split() for part in report.split("## Wall time (s)")[1].strip().splitlines()[0].split(" | "))
   steps = [float(v) for k, v in times.items() if k != "total"]
-  assert list(times) == ["dataset", "train", "evaluate", "export", "bench", "push", "total"]
+  assert list(times) == ["dataset", "train", "calibrate", "evaluate", "export", "bench", "push", "total"]
   # Benchmarked before the push: the pushed version carries the recommendation, and predict on it uses it.
-  from covidct.manifest import Manifest
   from covidct.predict import resolve_model
 
   recommended = Manifest.load(job / "serving" / "1" / "assets.extra").recommended

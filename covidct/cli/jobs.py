@@ -6,7 +6,7 @@ import click
 
 from covidct.cli.options import (BOOTSTRAP, DATA_DIR, SOURCES_ROOT, WEIGHTS_DIR, friendly, given, int_list,
                                  positive)
-from covidct.config import MODEL_OF_RECORD
+from covidct.config import MODEL_OF_RECORD, RECIPES
 
 
 @click.command("bench")
@@ -89,9 +89,10 @@ def bench_compare_cmd(exports, out_dir, rounds, batch_size, threads, runtimes, m
 @click.option("--slices-per-patient", type=int, default=None,
               help="Keep at most this many training images of each patient (as --sources).")
 @DATA_DIR
-@click.option("--recipe", type=click.Choice(["finetune", "default", "article"]), default=MODEL_OF_RECORD,
-              show_default=True, help="'finetune': the model of record (MobileNetV2, chosen by cross-validation); "
-                                      "'default': the article's CNN, made to learn; 'article': as written.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=MODEL_OF_RECORD, show_default=True,
+              help=f"'{MODEL_OF_RECORD}': the model of record; 'mixed': MobileNetV2 on COVID-CT and CC-CCII; "
+                   "'finetune': MobileNetV2 on COVID-CT; 'default': the article's CNN, made to learn; 'article': as "
+                   "written.")
 @WEIGHTS_DIR
 @click.option("--model", default=None, help="Override the recipe's architecture (the cross-validated record then "
                                             "no longer applies: trains on train, threshold chosen on validation).")
@@ -110,7 +111,7 @@ def pipeline_cmd(out_dir, manual_dirs, sources_root, sources, data_dir, recipe, 
   from covidct.pipeline import run  # pylint: disable=import-outside-toplevel
 
   trained = parse_sources(sources, allow_all=False) if sources else None
-  dirs = manual_dirs_for(manual_dirs, sources_root, need=trained or ("covid_ct",))
+  dirs = manual_dirs_for(manual_dirs, sources_root, need=trained or RECIPES[recipe].sources)
   run(out_dir, data_dir=data_dir, recipe=recipe, overrides=given(sources=trained, **overrides), formats=formats,
       n_boot=n_boot, force_push=force_push, echo=lambda m: click.echo(m, err=True), manual_dirs=dirs)
   click.echo((__import__("pathlib").Path(out_dir) / "report.md").read_text())

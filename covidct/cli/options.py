@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from covidct.config import BOOTSTRAP_RESAMPLES, CALIBRATION_IMAGES, TARGET_SENSITIVITY
+from covidct.config import BOOTSTRAP_RESAMPLES, CALIBRATION_IMAGES, RECIPES, TARGET_SENSITIVITY
 
 
 def friendly(fn):
@@ -100,9 +100,10 @@ def given(**kwargs) -> dict:
 # The options that make a TrainConfig: `covidct train` and `covidct cv` take the same ones
 # (covidct.config.config_from_options turns them into a config).
 TRAINING_OPTIONS = [
-    click.option("--recipe", type=click.Choice(["default", "article", "finetune"]), default="default", show_default=True,
+    click.option("--recipe", type=click.Choice(list(RECIPES)), default="default", show_default=True,
                  help="'article': the article's recipe as written; 'default': one that learns on the official split; "
-                      "'finetune': ImageNet MobileNetV2, head then whole network."),
+                      "'finetune': ImageNet MobileNetV2, head then whole network; 'mixed': finetune on COVID-CT and "
+                      "CC-CCII at once."),
     click.option("--model", default=None, help="Architecture: final, basic, too_simple, mobilenet_v2_0.35, "
                                                "mobilenet_v2_0.5, mobilenet_v2_1.0 (default: the recipe's)."),
     click.option("--epochs", type=int, default=None, callback=positive),
@@ -144,6 +145,9 @@ TRAINING_OPTIONS = [
     click.option("--label-smoothing", type=float, default=None),
     click.option("--blur", type=float, default=None, metavar="SIGMA",
                  help="A fixed Gaussian low-pass (sigma in pixels) inside the model, so every source is equally sharp."),
+    click.option("--normalize", type=click.Choice(["none", "image"]), default=None,
+                 help="Intensity normalisation inside the model: 'image' standardises every image by its own mean "
+                      "and standard deviation (in training and in every exported copy); default: the recipe's (none)."),
     click.option("--mixup", type=float, default=None, metavar="ALPHA",
                  help="mixup on the training batches: pairs of images and their labels mixed with a Beta(ALPHA, ALPHA) "
                       "weight (0.2-0.4 is usual; 0 turns it off)."),
