@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import pathlib
 import threading
@@ -192,7 +193,7 @@ def _kserve_model_class():
         items = list(tensor.as_numpy().reshape(-1))
         return self._decode([_b64(x, i) if isinstance(x, str) else bytes(x) for i, x in enumerate(items)], size)
       if tensor.name == IMAGE_INPUT and tensor.datatype == "UINT8":
-        return self._array(tensor.as_numpy(), size)
+        return self._array(_uint8_tensor(tensor), size)
       raise InvalidInput(f"input {tensor.name!r} of type {tensor.datatype}: expected '{IMAGE_INPUT}' UINT8 "
                          f"[N, {size}, {size}, 1] or '{BYTES_INPUT}' BYTES [N].")
 
@@ -235,6 +236,29 @@ def _kserve_model_class():
   return CovidctModel
 
 
+def _uint8_tensor(tensor) -> np.ndarray:
+  """A v2 UINT8 tensor's values as sent, checked before anything casts them: a shape of dimensions >= 0, as many
+  values as it needs, each an integer from 0 to 255 (a float such as 200.7 or -0.5 is refused, not cast)."""
+  from kserve.errors import InvalidInput  # pylint: disable=import-outside-toplevel
+
+  shape = list(tensor.shape or [])
+  if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+    raise InvalidInput(f"tensor shape {shape}: every dimension must be an integer >= 0.")
+  raw = getattr(tensor, "_raw_data", None)
+  if raw is not None:  # gRPC raw contents: bytes, one per value
+    values = np.frombuffer(raw, np.uint8)
+  else:
+    try:
+      values = np.asarray(tensor.data).reshape(-1)
+    except (ValueError, TypeError):
+      raise InvalidInput("the image tensor's data is ragged; send a flat or evenly nested list of integers.") from None
+    if values.dtype.kind not in "iu" or values.min(initial=0) < 0 or values.max(initial=0) > 255:
+      raise InvalidInput("image values must be integers from 0 to 255.")
+  if values.size != int(np.prod(shape)):
+    raise InvalidInput(f"the image tensor holds {values.size} values; its shape {shape} needs {int(np.prod(shape))}.")
+  return values.astype(np.uint8).reshape(shape)
+
+
 def _b64(text, i: int) -> bytes:
   from kserve.errors import InvalidInput  # pylint: disable=import-outside-toplevel
 
@@ -267,6 +291,63 @@ def _guards(app, model, max_body: int):
     return await call_next(request)
 
 
+REQUEST_TIMEOUT_S = 30.0  # a request's headers and body must arrive within this (slow senders are cut off)
+HEADER_ALLOWANCE = 64 * 1024  # bytes of request line and headers counted on top of the body limit
+
+
+def timed_http_protocol(max_body: int, request_timeout: float):
+  """uvicorn's h11 protocol with two limits it lacks: each request (request line, headers and body) must arrive
+  within `request_timeout` seconds of the connection opening or of the previous response, or the connection is
+  closed (a slowloris holds nothing for long); and a body is cut off with 413 once more than `max_body` bytes of it
+  have arrived, chunked or not (the Content-Length check in `_guards` answers the honest ones first)."""
+  import h11  # pylint: disable=import-outside-toplevel
+  from uvicorn.protocols.http.h11_impl import H11Protocol  # pylint: disable=import-outside-toplevel
+
+  class TimedH11Protocol(H11Protocol):
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self._arm()
+
+    def _arm(self):
+      self._received = 0
+      old = getattr(self, "_deadline", None)
+      if old is not None:
+        old.cancel()
+      self._deadline = self.loop.call_later(request_timeout, self._too_slow)
+
+    def _too_slow(self):
+      if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+        self._refuse(408, f"the request did not arrive within {request_timeout:g} s.")
+
+    def _refuse(self, status: int, message: str):
+      body = json.dumps({"error": message}).encode()
+      reason = {408: b"Request Timeout", 413: b"Content Too Large"}[status]
+      if self.cycle is None or not self.cycle.response_started:
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+      self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+      if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+        self._received += len(data)
+        if self._received > max_body + HEADER_ALLOWANCE:
+          self._refuse(413, f"request body over this server's limit of {max_body} bytes.")
+          return
+      super().data_received(data)
+
+    def on_response_complete(self) -> None:
+      super().on_response_complete()
+      if not self.transport.is_closing():
+        self._arm()
+
+    def connection_lost(self, exc):
+      if getattr(self, "_deadline", None) is not None:
+        self._deadline.cancel()
+      super().connection_lost(exc)
+
+  return TimedH11Protocol
+
+
 def check_port(host: str, port: int) -> None:
   """Refuses, in one line, a port out of range or one another process listens on (0: off or any, not checked)."""
   import errno  # pylint: disable=import-outside-toplevel
@@ -291,7 +372,8 @@ def check_port(host: str, port: int) -> None:
 
 def serve(serving_dir, version: int | None = None, runtime: str | None = None, host: str = "127.0.0.1",
           http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT, max_batch: int = MAX_BATCH,
-          max_body_bytes: int = MAX_BODY_BYTES, reload_seconds: float = 5.0, ready=None) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, reload_seconds: float = 5.0, ready=None,
+          request_timeout: float = REQUEST_TIMEOUT_S) -> None:
   """Serves a pushed version until interrupted.
 
   Args:
@@ -303,6 +385,7 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
     max_batch: most images in one request.
     max_body_bytes: largest request body.
     reload_seconds: how often to look for a newer blessed version (0: never).
+    request_timeout: seconds within which a REST request (headers and body) must arrive, or 408 and closed.
     ready: called with the served version once the model is loaded (tests, the push's infra validation).
   Raises:
     CovidctError: no such serving folder or version, or a bad option.
@@ -320,8 +403,9 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
     raise CovidctError(f"{root}: no such serving folder; push a model first (covidct push EXPORT --serving {root}).")
   if version is not None and not (root / str(version)).is_dir():
     raise CovidctError(f"{root} has no version {version}; `covidct push --serving {root} --list` lists them.")
-  if max_batch < 1 or max_body_bytes < 1 or reload_seconds < 0:
-    raise CovidctError("max batch and max body bytes must be positive, reload seconds zero or more.")
+  if max_batch < 1 or max_body_bytes < 1 or reload_seconds < 0 or not request_timeout > 0:
+    raise CovidctError("max batch, max body bytes and the request timeout must be positive, reload seconds zero or "
+                       "more.")
   for port in (http_port, grpc_port):
     check_port(host, port)
   model = model_class(root, version, runtime, max_batch)
@@ -334,9 +418,23 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
       from kserve.protocol.grpc.servicer import InferenceServicer  # pylint: disable=import-outside-toplevel
       from concurrent import futures  # pylint: disable=import-outside-toplevel
 
+      import grpc  # pylint: disable=import-outside-toplevel
+      from kserve.errors import InvalidInput  # pylint: disable=import-outside-toplevel
+
+      class Servicer(InferenceServicer):  # KServe's answers UNKNOWN to a bad tensor and ignores the version asked
+        async def ModelInfer(self, request, context):  # noqa: N802 (gRPC's name)
+          served = model.served
+          if request.model_version and served is not None and request.model_version != str(served.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {MODEL_NAME} version {request.model_version} "
+                                                           f"is not served; version {served.version} is.")
+          try:
+            return await super().ModelInfer(request, context)
+          except InvalidInput as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
       self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers))
       grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-          InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+          Servicer(self._data_plane, self._model_repository_extension), self._server)
       self._server.add_insecure_port(f"{host}:{self._port}")
       await self._server.start()
       await self._server.wait_for_termination()
@@ -356,6 +454,7 @@ def serve(serving_dir, version: int | None = None, runtime: str | None = None, h
       self._rest_server = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
                                      self.http_port, grace_period=self.grace_period)
       self._rest_server.config.host = host
+      self._rest_server.config.http = timed_http_protocol(max_body_bytes, request_timeout)
       self.servers.append(self._rest_server.start())
       if grpc_port:
         self._grpc_server = HostGRPCServer(grpc_port, self.dataplane, self.model_repository_extension, kwargs={},

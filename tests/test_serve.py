@@ -76,7 +76,8 @@ def server(exported, dummy_data_dir, tmp_path_factory):
   with open(log, "w") as out:
     proc = subprocess.Popen([sys.executable, "-m", "covidct.cli", "serve", str(serving), "--http-port", str(http),
                              "--grpc-port", str(grpc), "--max-batch", "4", "--max-body-mb", "1",
-                             "--reload-seconds", "0.5"], stdout=out, stderr=subprocess.STDOUT)
+                             "--reload-seconds", "0.5", "--request-timeout", "3"], stdout=out,
+                            stderr=subprocess.STDOUT)
   try:
     wait_until_ready(f"http://127.0.0.1:{http}/v2/models/covidct/ready", timeout=120, process=proc)
   except Exception:
@@ -194,6 +195,90 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, scans):
   # Still serving.
   assert server["proc"].poll() is None
   status, ok = _post(f"{url}/v1/models/covidct:predict", {"instances": [{"b64": _b64(scans[0])}]})
+  assert status == 200 and len(ok["predictions"]) == 1
+
+
+def test_malformed_v2_tensors_get_400_on_rest_and_invalid_argument_on_grpc(server):
+  """Each value of a UINT8 tensor is checked as sent (never cast), and its shape against its data (issue 32)."""
+  url, n = server["url"], SIZE * SIZE
+  cases = {
+      "floats in a UINT8 tensor": ([1, SIZE, SIZE, 1], [200.7] + [1] * (n - 1), "integers from 0 to 255"),
+      "a negative float": ([1, SIZE, SIZE, 1], [-0.5] * n, "integers from 0 to 255"),
+      "a value over 255": ([1, SIZE, SIZE, 1], [300] * n, "integers from 0 to 255"),
+      "a short tensor": ([1, SIZE, SIZE, 1], [1] * (n - 7), f"holds {n - 7} values"),
+      "a negative dimension": ([-1, SIZE, SIZE, 1], [1] * n, "integer >= 0"),
+      "booleans": ([1, SIZE, SIZE, 1], [True] * n, "integers from 0 to 255"),
+  }
+  for what, (shape, data, words) in cases.items():
+    status, answer = _post(f"{url}/v2/models/covidct/infer",
+                           {"inputs": [{"name": "image", "datatype": "UINT8", "shape": shape, "data": data}]})
+    assert status == 400 and words in answer.get("error", ""), (what, status, answer)
+  import grpc
+  from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+  from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+  def grpc_infer(shape, values, version=""):  # KServe's client checks shapes: the raw stub sends what others may
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=shape,
+                                                   contents=pb.InferTensorContents(uint_contents=values))
+    with grpc.insecure_channel(server["grpc"]) as channel:
+      try:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(pb.ModelInferRequest(
+            model_name="covidct", model_version=version, inputs=[tensor]), timeout=30)
+      except grpc.RpcError as e:
+        return e.code(), e.details()
+    return None, None
+
+  code, details = grpc_infer([1, SIZE, SIZE, 1], [1] * (n - 7))
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and f"holds {n - 7} values" in details, (code, details)
+  code, details = grpc_infer([1, SIZE, SIZE, 1], [256] * n)
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and "0 to 255" in details, (code, details)
+  code, details = grpc_infer([1, SIZE, SIZE, 1], [7] * n, version="9")  # another version is refused, not answered
+  assert code == grpc.StatusCode.NOT_FOUND and "version 9 is not served; version 1 is" in details, (code, details)
+  assert grpc_infer([1, SIZE, SIZE, 1], [7] * n, version="1") == (None, None)
+  assert _post(f"{url}/v2/models/covidct/infer", {"inputs": [{"name": "image", "datatype": "UINT8", "shape":
+                                                              [1, SIZE, SIZE, 1], "data": [7] * n}]})[0] == 200
+
+
+def _raw_http(port: int, head: bytes, chunks=(), pause: float = 0.0, read_timeout: float = 20.0) -> bytes:
+  import time
+
+  with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+    sock.sendall(head)
+    try:
+      for chunk in chunks:
+        sock.sendall(chunk)
+        time.sleep(pause)
+    except (BrokenPipeError, ConnectionResetError):
+      pass  # the server cut the sender off: what it answered is still to be read
+    answer = b""
+    try:
+      while True:
+        got = sock.recv(65536)
+        if not got:
+          return answer
+        answer += got
+    except ConnectionResetError:
+      return answer
+
+
+def test_a_chunked_oversized_body_and_a_slow_sender_are_cut_off(server, scans):
+  """The body limit counts what arrives, not what Content-Length claims (a chunked body has none); a request whose
+  headers or body trickle in is answered 408 and closed after --request-timeout (3 s here), and the server keeps
+  serving (issue 32's slowloris held 20 of 20 connections for 75 s)."""
+  import time
+
+  port = int(server["url"].rsplit(":", 1)[1])
+  head = (b"POST /v1/models/covidct:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          b"Transfer-Encoding: chunked\r\n\r\n")
+  block = b"x" * 65536
+  chunk = b"%x\r\n%s\r\n" % (len(block), block)
+  answer = _raw_http(port, head, [chunk] * 40)  # 2.5 MB against a 1 MB limit
+  assert answer.startswith(b"HTTP/1.1 413") and b"limit of 1048576 bytes" in answer, answer[:300]
+  start = time.time()
+  answer = _raw_http(port, b"POST /v1/models/covidct:predict HTTP/1.1\r\nHost: x\r\n", [b"X-a: b\r\n"] * 10,
+                     pause=1.0)
+  assert answer.startswith(b"HTTP/1.1 408") and time.time() - start < 15, answer[:300]
+  status, ok = _post(f"{server['url']}/v1/models/covidct:predict", {"instances": [{"b64": _b64(scans[0])}]})
   assert status == 200 and len(ok["predictions"]) == 1
 
 
