@@ -83,9 +83,17 @@ def trained_sources(model_path) -> tuple[str, ...] | None:
   found = next((c for d in (here, here.parent) for c in (d / MANIFEST_FILE, d / "assets.extra" / MANIFEST_FILE)
                 if c.is_file()), None)
   training = (Manifest.load(found).training_config or {}) if found else {}
-  if not training:
-    return None
-  return tuple(training.get("sources") or ("covid_ct",))
+  return config_sources(training) if training else None
+
+
+def config_sources(config: dict) -> tuple[str, ...]:
+  """The sources a run's config.json says it trained on, following a quantization-aware or ensemble run's config to
+  the training config it came from (its 'source': {'config'}); ('covid_ct',) for a config from before sources."""
+  for _ in range(4):
+    if "sources" in config or not isinstance(config.get("source"), dict):
+      break
+    config = config["source"].get("config") or {}
+  return tuple(config.get("sources") or ("covid_ct",))
 
 
 def load_run_model(run_dir):

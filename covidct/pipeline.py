@@ -95,6 +95,11 @@ def run(out_dir, manual_dir=None, data_dir=None, recipe: str = MODEL_OF_RECORD, 
     summary = train(cfg, out / "model", verbose=2, keep=keep)
     model_dir = out / "model"
     step("train")
+    if cfg.model.startswith("mobilenet_v2"):
+      echo("    quantization-aware copy (calibrated on train, temperature fitted on validation)")
+      qat(model_dir, out / "model-qat", epochs=0, data_dir=data_dir, verbose=0)
+      model_dir = out / "model-qat"
+      step("qat")
     echo(f"    operating threshold on the validation splits of {', '.join(cfg.sources)} (the calibration split)")
     runner = SavedModelRunner(model_dir / "saved_model")
     threshold = calibration_threshold(runner, runner.image_size, cfg.sources, data_dir=data_dir, n_boot=n_boot)
@@ -155,7 +160,9 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
   ci = test.get("ci95", {})
   at = test["at_threshold"]
   if record is None and summary.get("kept") == "last":
-    trained = f"trained on train for {summary['epochs_run']} epochs (all kept; validation untouched)."
+    trained = f"trained on train for {summary['epochs_run']} epochs (all kept; validation untouched)" + (
+        f", then made quantization-aware (`{model_dir.name}`: calibrated int8 steps, temperature fitted on "
+        "validation)." if model_dir.name == "model-qat" else ".")
   elif record is None:
     trained = (f"trained on train; best epoch {summary['best_epoch']} of {summary['epochs_run']} (validation "
                f"{cfg.monitor}).")
@@ -224,7 +231,8 @@ def _report(cfg, summary, manifest: Manifest, pushed, parity_error, times, out, 
                   f"{rec['p50_ms']:.2f} ms."]
   lines += ["", f"Full table: `{out}/bench/bench.md`.", "", "## Where things are", "",
             f"- model: `{out}/model` (SavedModel, model.keras, curves.png, history.json, logs/)",
-            *([f"- quantization-aware model (the one shipped): `{model_dir}`"] if record is not None else []),
+            *([f"- quantization-aware model (the one shipped): `{model_dir}`"] if model_dir.name == "model-qat"
+              else []),
             f"- evaluation: `{model_dir}/evaluation-test/` (report.md, roc.png, pr.png, confusion.png)",
             f"- export: `{out}/export/` (artifacts, parity.md, manifest.json)",
             f"- serving: `{out}/serving/`", "",

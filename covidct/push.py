@@ -12,6 +12,7 @@ import time
 from covidct.errors import CovidctError
 from covidct.fsutil import remove_stale_partials
 from covidct.manifest import MANIFEST_FILE, Manifest, write_json
+from covidct.modelio import config_sources
 from covidct.reporting import fmt_ci, table
 from covidct.repository import BLESSING_FILE, versions  # noqa: F401  (versions: push --list)
 
@@ -81,8 +82,7 @@ def measure_sources(runner, manifest: Manifest, data_dir=None, shortcut_audit: b
   predictions."""
   from covidct.evaluate import evaluate_sources  # pylint: disable=import-outside-toplevel
 
-  trained = tuple((manifest.training_config or {}).get("sources") or ("covid_ct",)) \
-      if manifest.training_config else None
+  trained = config_sources(manifest.training_config) if manifest.training_config else None
   result = evaluate_sources(runner, runner.image_size, {"value": manifest.threshold, "from": "the export's manifest"},
                             data_dir=data_dir, trained_on=trained, shortcut_audit=shortcut_audit)
   for row in result["rows"]:
@@ -140,7 +140,7 @@ def model_card(manifest: Manifest, version: int, sources: dict | None = None) ->
   fmt = lambda m: fmt_ci(at[m], ci.get(m), label="95% CI ")  # noqa: E731
   auc = fmt_ci(test["roc_auc"], ci.get("roc_auc"), label="95% CI ")
   counts = {s: sum(c.values()) for s, c in Builder.EXPECTED_COUNTS.items()}
-  trained = ", ".join(f"`{s}`" for s in (manifest.training_config or {}).get("sources") or ("covid_ct",))
+  trained = ", ".join(f"`{s}`" for s in config_sources(manifest.training_config or {}))
   by_class = {k: sum(c[k] for c in Builder.EXPECTED_COUNTS.values()) for k in ("COVID", "NonCOVID")}
   metrics = table(["metric", "value"], [("ROC AUC", auc)] + [(m, fmt(m)) for m in
                                                              ("sensitivity", "specificity", "precision", "accuracy")],

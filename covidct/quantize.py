@@ -191,13 +191,14 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
 
   The train split calibrates the ranges and trains (with the run's augmentation, class weights and label
   smoothing); the validation split fits the temperature (unless given) and picks the epoch kept, calibration only
-  (epoch 0) included. Weights go on a per-channel `weight_bits` grid (7 by default: exact on CPUs without VNNI;
+  (epoch 0) included. A run trained on several sources uses each source's splits (its calibration images shared
+  out among them). Weights go on a per-channel `weight_bits` grid (7 by default: exact on CPUs without VNNI;
   see covidct.config.QAT_WEIGHT_BITS).
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   from covidct.config import TrainConfig  # pylint: disable=import-outside-toplevel
-  from covidct.data import build_inputs, split_arrays  # pylint: disable=import-outside-toplevel
+  from covidct.data import Selection, build_inputs, cap_slices, split_arrays  # pylint: disable=import-outside-toplevel
   from covidct.dataset import load_builder  # pylint: disable=import-outside-toplevel
   from covidct.modelio import export_saved_model, load_run_model, read_run_config  # pylint: disable=import-outside-toplevel
   from covidct.train import KeepBest, class_weight, plot_history, validation_callback  # pylint: disable=import-outside-toplevel
@@ -218,20 +219,29 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
   cfg = TrainConfig.from_dict({k: v for k, v in source_cfg.items() if k in TrainConfig.__dataclass_fields__}) \
       if source_cfg.get("recipe") else TrainConfig(model=model.name, image_size=int(model.input_shape[1]))
   size = int(model.input_shape[1])
-  load_builder(data_dir)  # a clear error before anything is written when the dataset is missing
+  for source in cfg.sources:  # a clear error before anything is written when a dataset is missing
+    load_builder(data_dir, source)
+  # A run trained on several sources is calibrated on each one's train images and fitted on each one's validation
+  train_view = tuple(Selection("train", source=s) for s in cfg.sources)
+  val_view = tuple(Selection("validation", source=s) for s in cfg.sources)
 
   with atomic_dir(out, overwrite) as tmp:
     start = time.time()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    reps = split_arrays("train", data_dir, size)["images"][:calibration_images]
-    val = split_arrays("validation", data_dir, size)
+    if len(train_view) == 1:  # the first images of train, as they come
+      reps = split_arrays(train_view[0], data_dir, size)["images"][:calibration_images]
+    else:  # each source its share, from 2 slices per patient at most (CC-CCII's first images are one patient's)
+      share = -(-calibration_images // len(train_view))
+      reps = np.concatenate([split_arrays(cap_slices(v, data_dir, 2, seed), data_dir, size)["images"][:share]
+                             for v in train_view])[:calibration_images]
+    val = split_arrays(val_view, data_dir, size)
     temperature = fit_temperature(logits(model, val["images"]), val["labels"]) if temperature is None else temperature
     ranges = calibrate_ranges(model, reps, temperature=temperature)
     twin, _ = quantized_twin(model, ranges, temperature=temperature, weight_bits=weight_bits)
-    train_ds = build_inputs("train", data_dir=data_dir, image_size=size, batch_size=batch_size, training=True,
+    train_ds = build_inputs(train_view, data_dir=data_dir, image_size=size, batch_size=batch_size, training=True,
                             augment=cfg.augment, seed=seed, shuffle_buffer=cfg.shuffle_buffer)
-    val_ds = build_inputs("validation", data_dir=data_dir, image_size=size, batch_size=batch_size)
+    val_ds = build_inputs(val_view, data_dir=data_dir, image_size=size, batch_size=batch_size)
     validation = validation_callback(twin, val_ds)
     keep_best = KeepBest("val_auc", "max", twin)
     logs: dict = {}
@@ -243,7 +253,7 @@ def qat(run_dir, out_dir, *, epochs: int = 5, learning_rate: float = 1e-5, calib
                    loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
                    metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc")])
       hist = twin.fit(train_ds, epochs=epochs, callbacks=[validation, keep_best],
-                      class_weight=class_weight(data_dir, cfg.class_weight), verbose=verbose,
+                      class_weight=class_weight(data_dir, cfg.class_weight, train_view), verbose=verbose,
                       shuffle=False)  # the tf.data pipeline shuffles, seeded
       for k, vs in hist.history.items():
         history.setdefault(k, [float("nan")]).extend(float(v) for v in vs)

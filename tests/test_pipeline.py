@@ -29,7 +29,8 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
                                   "20", "--force-push"])
   assert res.exit_code == 0, res.output
   assert "Recipe `mixed`, model `mobilenet_v2_0.35`" in res.output
-  assert "trained on `covid_ct` + `cc_ccii`; trained on train for 2 epochs (all kept; validation untouched)" in res.output
+  assert ("trained on `covid_ct` + `cc_ccii`; trained on train for 2 epochs (all kept; validation untouched), then "
+          "made quantization-aware") in res.output
   job = tmp_path / "job"
   # The shipped threshold is fitted on the calibration split: the highest one that reaches the target sensitivity on
   # each training source's validation split, whose figures at it the report states.
@@ -39,7 +40,7 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
   from covidct.metrics import choose_threshold, threshold_metrics
   from covidct.runners import SavedModelRunner
 
-  runner = SavedModelRunner(job / "model" / "saved_model")
+  runner = SavedModelRunner(job / "model-qat" / "saved_model")  # the shipped, quantization-aware copy
   val = {s: eval_set(s, "validation", 48, str(tmp_path / "tfds")) for s in ("covid_ct", "cc_ccii")}
   probs = {s: runner(v.images).ravel() for s, v in val.items()}
   shipped = Manifest.load(job / "export").threshold
@@ -60,12 +61,12 @@ def test_pipeline_end_to_end_on_dummy_data(dummy_builder, tmp_path):
   blessing = json.loads((job / "serving" / "1" / "blessing.json").read_text())
   assert [r["source"] for r in blessing["sources"]["rows"]] == ["covid_ct", "cc_ccii", "covid_ct_md"]
   assert "## Artifacts and parity" in report and "tflite_float32" in report and "serving/1/" in report
-  for path in ("model/saved_model/saved_model.pb", "model/evaluation-test/roc.png", "export/manifest.json",
+  for path in ("model/saved_model/saved_model.pb", "model-qat/evaluation-test/roc.png", "export/manifest.json",
                "export/parity.md", "serving/1/MODEL_CARD.md", "bench/bench.md"):
     assert (job / path).exists(), path
   times = dict(part.split() for part in report.split("## Wall time (s)")[1].strip().splitlines()[0].split(" | "))
   steps = [float(v) for k, v in times.items() if k != "total"]
-  assert list(times) == ["dataset", "train", "calibrate", "evaluate", "export", "bench", "push", "total"]
+  assert list(times) == ["dataset", "train", "qat", "calibrate", "evaluate", "export", "bench", "push", "total"]
   # Benchmarked before the push: the pushed version carries the recommendation, and predict on it uses it.
   from covidct.predict import resolve_model
 
