@@ -31,6 +31,9 @@ MIN_SIDE = 64  # pixels, the file's longer side: COVID-CT's smallest slice is 61
 MAX_ASPECT = 3.0  # long side / short side; COVID-CT's slices stay under 2
 MIN_STD = 4.0  # grey levels, of the resized image: below this it is blank
 VALIDATION_FLAG_RATE = 0.01
+# Share of a file's pixels in colour above which it is a picture, not a slice: photographs 0.38-0.86 (scikit-image's
+# astronaut, cat, coffee, rocket), COVID-CT's 746 slices at most 0.077 (paper figures with coloured arrows).
+MAX_COLOUR_SHARE = 0.15
 
 
 def appearance(image: np.ndarray) -> np.ndarray:
@@ -58,11 +61,15 @@ class Guard:
     d = np.atleast_2d(features) - np.asarray(self.mean)
     return np.sqrt(np.einsum("ij,jk,ik->i", d, np.asarray(self.inverse_covariance), d))
 
-  def check(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> list[str]:
-    """Why `image` (resized (S, S, 1) uint8) does not look like a training slice; [] when it does."""
+  def check(self, image: np.ndarray, original_size: tuple | None = None) -> list[str]:
+    """Why `image` (resized (S, S, 1) uint8) does not look like a training slice; [] when it does. `original_size`:
+    the file's (height, width[, colour share]) (covidct.predict.Original), where it is known."""
     reasons = []
     if original_size is not None:
-      h, w = original_size
+      h, w = original_size[:2]
+      colour = original_size[2] if len(original_size) > 2 else 0.0  # covidct.predict.Original
+      if colour > MAX_COLOUR_SHARE:
+        reasons.append(f"a colour picture ({colour:.0%} of its pixels in colour), not a grey CT slice")
       if max(h, w) < MIN_SIDE:
         reasons.append(f"too small ({w} x {h} pixels)")
       elif max(h, w) / max(min(h, w), 1) > MAX_ASPECT:
@@ -161,6 +168,17 @@ def find_guard(model_path) -> pathlib.Path | None:
 
 
 def load_guard_near(model_path) -> Guard | None:
-  """The guard.json beside or above an artifact, loaded, or None."""
+  """The guard.json beside or above an artifact, loaded, or None. Where the export's manifest sits beside it and
+  records its SHA-256, the file must match: an edited guard would silence the warnings it exists to give."""
+  from covidct.fsutil import sha256  # pylint: disable=import-outside-toplevel
+  from covidct.manifest import MANIFEST_FILE, Manifest  # pylint: disable=import-outside-toplevel
+
   path = find_guard(model_path)
-  return Guard.load(path) if path is not None else None
+  if path is None:
+    return None
+  if (path.parent / MANIFEST_FILE).is_file():
+    info = Manifest.load(path.parent).files.get(GUARD_FILE)
+    if isinstance(info, dict) and info.get("sha256") and sha256(path) != info["sha256"]:
+      raise CovidctError(f"{path} does not match the SHA-256 that its manifest records (changed or damaged): the "
+                         "input guard cannot be trusted; copy it again from the export, or export again.")
+  return Guard.load(path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
 
 from covidct.errors import CovidctError
 
@@ -91,19 +93,44 @@ def check_threshold(threshold: float) -> float:
   return float(threshold)
 
 
+class Original(NamedTuple):
+  """What the input guard needs of the file as it came: its size, and the share of its pixels in colour (a CT
+  slice is grey; COVID-CT's paper figures, coloured arrows and all, stay under 8%)."""
+
+  height: int
+  width: int
+  colour: float = 0.0
+
+
+def colour_share(data: bytes) -> float:
+  """The share of an encoded colour image's pixels whose channels differ by more than 40 grey levels."""
+  import io  # pylint: disable=import-outside-toplevel
+
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  with Image.open(io.BytesIO(data)) as im:
+    rgb = np.asarray(im.convert("RGB"), np.int16)
+  return float(np.mean(rgb.max(axis=-1) - rgb.min(axis=-1) > 40))
+
+
 def decode_image(data: bytes, name: str, size: int):
-  """An encoded image's bytes -> ((size, size, 1) uint8 resized as in training, the file's (height, width)), or a
-  CovidctError naming `name` and why it cannot be read. `covidct predict` and the bulk path both decode here."""
+  """An encoded image's bytes -> ((size, size, 1) uint8 resized as in training, the file's Original: height, width,
+  colour share), or a CovidctError naming `name` and why it cannot be read. `covidct predict`, the bulk path and
+  `covidct serve` all decode here."""
   from covidct.data import resize_image  # pylint: disable=import-outside-toplevel
   from tfds_covidct.covid_ct.covid_ct_dataset_builder import CovidCtError, decode_grayscale  # pylint: disable=import-outside-toplevel
 
   try:
-    image, _ = decode_grayscale(data, name)
+    image, mode = decode_grayscale(data, name)
   except CovidCtError as e:
     if "claims" in str(e):
       raise CovidctError(str(e)) from e
     raise CovidctError(f"{name}: not a readable image (PNG, JPEG or TIFF expected).") from e
-  return resize_image(image, size).numpy(), tuple(image.shape[:2])
+  colour = colour_share(data) if mode not in GREY_MODES else 0.0
+  return resize_image(image, size).numpy(), Original(*image.shape[:2], colour)
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # Pillow modes with no colour
 
 
 def load_image(path, size: int, with_size: bool = False):

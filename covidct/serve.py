@@ -34,6 +34,7 @@ IMAGE_INPUT = "image"  # v2: uint8 [N, S, S, 1], resized as in training
 BYTES_INPUT = "image_bytes"  # v2: BYTES [N], encoded PNG/JPEG (base64 strings over REST JSON, raw bytes over gRPC)
 PROBABILITY_OUTPUT = "covid_probability"
 LABEL_OUTPUT = "label"
+WARNING_OUTPUT = "input_warning"  # the input guard's reasons per image, "" for none (v1: a "warning" key)
 MAX_BATCH = 64  # images in one request
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body larger than this is refused (413) before it is read
 DEFAULT_HTTP_PORT = 8080
@@ -80,6 +81,7 @@ class Served:
   def __init__(self, serving_dir, version: int, runtime: str | None):
     from covidct.manifest import Manifest  # pylint: disable=import-outside-toplevel
     from covidct.predict import check_listed_file, find_manifest  # pylint: disable=import-outside-toplevel
+    from covidct.guard import load_guard_near  # pylint: disable=import-outside-toplevel
     from covidct.runners import load_runner  # pylint: disable=import-outside-toplevel
 
     self.version = version
@@ -93,6 +95,7 @@ class Served:
     self.size = int(self.manifest.input["shape"][1])
     self.labels = list(self.manifest.labels)
     self.threshold = float(self.manifest.threshold)
+    self.guard = load_guard_near(self.artifact)  # the version's input guard (hash-checked), as predict applies it
     self.lock = threading.Lock()  # runners are not all safe to call from several threads at once
 
   def warm(self) -> None:
@@ -107,6 +110,13 @@ class Served:
     buf = io.BytesIO()
     Image.fromarray(np.full((self.size, self.size), 128, np.uint8)).save(buf, format="PNG")
     self.score(decode_image(buf.getvalue(), "warm-up", self.size)[0][None])
+
+  def warnings(self, images: np.ndarray, originals: list | None = None) -> list[str]:
+    """The input guard's reasons for each image, '' for one that looks like a training slice (as `covidct predict`
+    warns); every image '' when the version has no guard."""
+    if self.guard is None:
+      return [""] * len(images)
+    return ["; ".join(self.guard.check(im, originals[i] if originals else None)) for i, im in enumerate(images)]
 
   def score(self, images: np.ndarray) -> np.ndarray:
     with self.lock:
@@ -157,7 +167,8 @@ def _kserve_model_class():
 
     def get_output_types(self):
       return [{"name": PROBABILITY_OUTPUT, "datatype": "FP32", "shape": [-1, 1]},
-              {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+              {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]},
+              {"name": WARNING_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
 
     def _check_batch(self, n: int):
       if n == 0:
@@ -165,17 +176,20 @@ def _kserve_model_class():
       if n > self.max_batch:
         raise InvalidInput(f"batch of {n} images is over this server's maximum of {self.max_batch}; split it.")
 
-    def _decode(self, items, size) -> np.ndarray:
+    def _decode(self, items, size) -> tuple[np.ndarray, list]:
       self._check_batch(len(items))
-      out = []
+      out, sizes = [], []
       for i, data in enumerate(items):
         try:
-          out.append(decode_image(data, f"image {i}", size)[0])
+          image, original = decode_image(data, f"image {i}", size)
         except CovidctError as e:
           raise InvalidInput(str(e)) from e
-      return np.stack(out)
+        out.append(image)
+        sizes.append(original)
+      return np.stack(out), sizes
 
-    def _images(self, served: Served, payload) -> np.ndarray:
+    def _images(self, served: Served, payload) -> tuple[np.ndarray, list | None]:
+      """(the images, resized, and each one's original (height, width) where it came encoded)."""
       size = served.size
       if isinstance(payload, dict):  # v1: {"instances": [{"b64": ...} | nested uint8 lists]}
         instances = payload.get("instances")
@@ -184,7 +198,7 @@ def _kserve_model_class():
         self._check_batch(len(instances))
         if all(isinstance(x, dict) and "b64" in x for x in instances):
           return self._decode([_b64(x["b64"], i) for i, x in enumerate(instances)], size)
-        return self._array(np.asarray(instances, dtype=object), size)
+        return self._array(np.asarray(instances, dtype=object), size), None
       if not isinstance(payload, InferRequest) or len(payload.inputs) != 1:
         raise InvalidInput(f"expected one input, '{IMAGE_INPUT}' (UINT8 [N, {size}, {size}, 1]) or '{BYTES_INPUT}' "
                            "(BYTES [N], encoded images).")
@@ -193,7 +207,7 @@ def _kserve_model_class():
         items = list(tensor.as_numpy().reshape(-1))
         return self._decode([_b64(x, i) if isinstance(x, str) else bytes(x) for i, x in enumerate(items)], size)
       if tensor.name == IMAGE_INPUT and tensor.datatype == "UINT8":
-        return self._array(_uint8_tensor(tensor), size)
+        return self._array(_uint8_tensor(tensor), size), None
       raise InvalidInput(f"input {tensor.name!r} of type {tensor.datatype}: expected '{IMAGE_INPUT}' UINT8 "
                          f"[N, {size}, {size}, 1] or '{BYTES_INPUT}' BYTES [N].")
 
@@ -215,21 +229,24 @@ def _kserve_model_class():
     async def predict(self, payload, headers=None, response_headers=None):
       served = self.served  # this request finishes on this version whatever a reload does meanwhile
       loop = asyncio.get_running_loop()  # decoding and scoring off the event loop: health checks still answer
-      images = await loop.run_in_executor(None, self._images, served, payload)
+      images, originals = await loop.run_in_executor(None, self._images, served, payload)
       try:
         p = await loop.run_in_executor(None, served.score, images)
       except CovidctError as e:
         raise InvalidInput(str(e)) from e
+      warnings = await loop.run_in_executor(None, served.warnings, images, originals)
       labels = [served.labels[int(q >= served.threshold)] for q in p]
       if isinstance(payload, dict):
-        return {"predictions": [{"probability": float(q), "label": l, "threshold": served.threshold}
-                                for q, l in zip(p, labels)],
+        return {"predictions": [{"probability": float(q), "label": l, "threshold": served.threshold,
+                                 **({"warning": w} if w else {})} for q, l, w in zip(p, labels, warnings)],
                 "model_version": str(served.version)}
       prob = InferOutput(PROBABILITY_OUTPUT, [len(p), 1], "FP32")
       prob.set_data_from_numpy(p.astype(np.float32).reshape(-1, 1), binary_data=False)
       lab = InferOutput(LABEL_OUTPUT, [len(p)], "BYTES")
       lab.set_data_from_numpy(np.array(labels, dtype=object), binary_data=False)
-      return InferResponse(model_name=MODEL_NAME, infer_outputs=[prob, lab], response_id=payload.id or str(uuid.uuid4()),
+      warn = InferOutput(WARNING_OUTPUT, [len(p)], "BYTES")
+      warn.set_data_from_numpy(np.array(warnings, dtype=object), binary_data=False)
+      return InferResponse(model_name=MODEL_NAME, infer_outputs=[prob, lab, warn], response_id=payload.id or str(uuid.uuid4()),
                            model_version=str(served.version),
                            parameters={"threshold": repr(served.threshold)})  # KServe's gRPC: no doubles
 

@@ -55,3 +55,46 @@ def test_predict_warns_and_strict_refuses(exported, tmp_path):
   assert "WARNING: does not look like a CT slice" in res.stdout
   res = CliRunner().invoke(main, ["predict", str(blank), str(noise), "--model", model, "--strict"])
   assert res.exit_code == 1 and res.stderr.count("refused (--strict)") == 2 and "Traceback" not in res.output
+
+
+def test_colour_photographs_are_flagged_and_real_colour_figures_are_not(exported, tmp_path):
+  """Photographs were labelled without a word (issue 32): a file mostly in colour is a picture, not a CT slice. A
+  grey slice saved as RGB, or with a red arrow drawn on it as COVID-CT's paper figures have (at most 7.7% of their
+  pixels in colour), passes the colour check."""
+  import skimage.data
+
+  files = []
+  for name in ("astronaut", "chelsea"):
+    files.append(tmp_path / f"{name}.jpg")
+    Image.fromarray(getattr(skimage.data, name)()).save(files[-1])
+  grey = np.asarray(Image.fromarray(skimage.data.camera()).resize((256, 256)))
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
+  arrow = rgb.copy()
+  arrow[100:120, 60:160] = (230, 20, 20)  # 3% of the pixels
+  for name, image in (("grey_rgb", rgb), ("red_arrow", arrow)):
+    files.append(tmp_path / f"{name}.png")
+    Image.fromarray(image).save(files[-1])
+  res = CliRunner().invoke(main, ["predict", *map(str, files), "--model", str(exported / "model_float32.onnx"),
+                                  "--json"])
+  assert res.exit_code == 0, res.output
+  results = json.loads(res.stdout)["results"]
+  for r in results[:2]:
+    assert "a colour picture" in r["warning"], r
+  for r in results[2:]:
+    assert "colour" not in r.get("warning", ""), r
+
+
+def test_an_edited_guard_is_refused_not_trusted(exported, tmp_path):
+  """guard.json's SHA-256 is in the manifest: a guard loosened to pass everything is one line, not silence."""
+  import shutil
+
+  copy = tmp_path / "export"
+  shutil.copytree(exported, copy)
+  guard = json.loads((copy / "guard.json").read_text())
+  guard["threshold"] = 1e9
+  (copy / "guard.json").write_text(json.dumps(guard))
+  blank = tmp_path / "blank.png"
+  Image.fromarray(np.full((256, 256), 255, np.uint8)).save(blank)
+  res = CliRunner().invoke(main, ["predict", str(blank), "--model", str(copy / "model_float32.onnx")])
+  assert res.exit_code == 1 and "guard.json does not match the SHA-256" in res.stderr, res.output
+  assert "Traceback" not in res.output

@@ -107,7 +107,7 @@ def test_serve_answers_v1_v2_rest_and_grpc_as_predict_does(server, scans):
   assert _get(f"{url}/v2/health/ready")[0] == 200 and _get(f"{url}/v2/health/live")[0] == 200
   status, meta = _get(f"{url}/v2/models/covidct")
   assert status == 200 and meta["inputs"][0] == {"name": "image", "datatype": "UINT8", "shape": [-1, SIZE, SIZE, 1]}
-  assert {o["name"] for o in meta["outputs"]} == {"covid_probability", "label"}
+  assert {o["name"] for o in meta["outputs"]} == {"covid_probability", "label", "input_warning"}
   want = _predicted(scans, server["serving"] / "1")
 
   status, v1 = _post(f"{url}/v1/models/covidct:predict", {"instances": [{"b64": _b64(p)} for p in scans]})
@@ -237,6 +237,27 @@ def test_malformed_v2_tensors_get_400_on_rest_and_invalid_argument_on_grpc(serve
   assert grpc_infer([1, SIZE, SIZE, 1], [7] * n, version="1") == (None, None)
   assert _post(f"{url}/v2/models/covidct/infer", {"inputs": [{"name": "image", "datatype": "UINT8", "shape":
                                                               [1, SIZE, SIZE, 1], "data": [7] * n}]})[0] == 200
+
+
+def test_serve_applies_the_input_guard_as_predict_does(server, scans, tmp_path):
+  """An all-black image and a photograph were labelled COVID with no warning by serve where predict flagged them
+  (issue 32): every path that labels an image applies the version's guard."""
+  import skimage.data
+  from PIL import Image
+
+  black, photo = tmp_path / "black.png", tmp_path / "astronaut.jpg"
+  Image.fromarray(np.zeros((256, 256), np.uint8)).save(black)
+  Image.fromarray(skimage.data.astronaut()).save(photo)
+  status, v1 = _post(f"{server['url']}/v1/models/covidct:predict",
+                     {"instances": [{"b64": _b64(p)} for p in (black, photo)]})
+  assert status == 200, v1
+  assert "near-constant" in v1["predictions"][0]["warning"] and "a colour picture" in v1["predictions"][1]["warning"]
+  res = CliRunner().invoke(main, ["predict", str(black), str(photo), "--model", str(server["serving"] / "1"), "--json"])
+  assert [("warning" in r) for r in json.loads(res.stdout)["results"]] == [True, True]
+  status, v2 = _post(f"{server['url']}/v2/models/covidct/infer", {"inputs": [
+      {"name": "image", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 1], "data": [0] * (SIZE * SIZE)}]})
+  out = {o["name"]: o["data"] for o in v2["outputs"]}
+  assert status == 200 and "near-constant" in out["input_warning"][0], v2
 
 
 def _raw_http(port: int, head: bytes, chunks=(), pause: float = 0.0, read_timeout: float = 20.0) -> bytes:
