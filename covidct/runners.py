@@ -260,10 +260,20 @@ class OnnxRunner(Runner):
     if wanted not in self.session.get_providers():  # ONNX Runtime falls back to the CPU silently: refuse that
       raise CovidctError(f"ONNX Runtime could not start {wanted} (session has {self.session.get_providers()}); check "
                          "that onnxruntime-gpu and the CUDA/cuDNN libraries it needs are installed.")
-    inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+    inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+    inp, out = inputs[0], outputs[0]
+    shape = list(inp.shape)
+    fixed = len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])
+    if (len(inputs) != 1 or inp.type not in ("tensor(uint8)", "tensor(float)") or not fixed or shape[3] != 1
+        or shape[1] != shape[2] or shape[1] < 32 or out.type != "tensor(float)"
+        or not (len(out.shape) == 1 or (len(out.shape) == 2 and out.shape[1] == 1))):
+      raise CovidctError(
+          f"{path}: not a model covidct can run: it takes {', '.join(f'{i.name} {i.type} {list(i.shape)}' for i in inputs)}"
+          f" and gives {out.name} {out.type} {list(out.shape)}; covidct runs one uint8 or float input [N, S, S, 1] "
+          "(channels last, a fixed size S) giving one float probability per image, as `covidct export` writes.")
     self.input_name, self.output_name = inp.name, out.name
-    self.input_dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}.get(inp.type, np.uint8)
-    self.image_size = int(inp.shape[1])
+    self.input_dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}[inp.type]
+    self.image_size = int(shape[1])
     self.path = path
 
   def _run(self, batch):

@@ -153,6 +153,16 @@ def _no_permission(ctx):  # /sys refuses new entries to everyone, root included:
 G = ["--min-roc-auc", "0", "--min-sensitivity", "0", "--min-specificity", "0"]
 
 # (id, function of ctx -> argv, exit code, expected text in the error line)
+# kind -> (input type, input shape, output type): ONNX models from elsewhere that covidct cannot run as they are
+FOREIGN_ONNX = {
+    "channels first": ("FLOAT", ["N", 1, 48, 48], "FLOAT"),
+    "symbolic height and width": ("FLOAT", ["N", "H", "W", 1], "FLOAT"),
+    "int32 input": ("INT32", ["N", 48, 48, 1], "FLOAT"),
+    "int64 output": ("UINT8", ["N", 48, 48, 1], "INT64"),
+    "three channels": ("UINT8", ["N", 48, 48, 3], "FLOAT"),
+}
+
+
 CASES = [
     # data
     ("data build: no manual dir", lambda c: ["data", "build", "--manual-dir", str(c["tmp"] / "nope"),
@@ -336,6 +346,13 @@ CASES = [
     ("predict: ONNX metadata threshold -1", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
                                                       _onnx_threshold(c, "-1")], 1,
      "operating threshold -1.0 is not a probability"),
+    # foreign ONNX models: refused at load with what they take and give, never a traceback or a made-up label
+    *[(f"predict: foreign ONNX, {kind}", lambda c, kind=kind: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                               _foreign_onnx(c, kind), "--threshold", "0.5"], 1,
+       "not a model covidct can run") for kind in FOREIGN_ONNX],
+    *[(f"bulk-predict: foreign ONNX, {kind}", lambda c, kind=kind: [
+        "bulk-predict", "--input", _png(c["tmp"] / "a.png"), "--model", _foreign_onnx(c, kind), "--threshold", "0.5", "--out",
+        str(c["tmp"] / OUT)], 1, "not a model covidct can run") for kind in ("channels first", "int64 output")],
     ("push --list: damaged blessing.json", lambda c: ["push", "--list", "--serving", _blessing(c, "{oops")], 1,
      "is not a covidct blessing record"),
     ("push: floor above 1", lambda c: ["push", str(c["exported"]), "--serving", str(c["tmp"] / OUT),
@@ -485,6 +502,28 @@ def _onnx_vectors(ctx, name, content: bytes):
   copy = _copy(ctx["exported"], ctx["tmp"] / "export")
   (copy / "test_data" / "model_float32" / "test_data_set_0" / name).write_bytes(content)
   return str(copy / "model_float32.onnx")
+
+
+def _foreign_onnx(ctx, kind):
+  """A loadable ONNX model with `kind`'s signature: the mean of its input, as the output type."""
+  import onnx
+  from onnx import TensorProto, helper
+
+  in_type, shape, out_type = FOREIGN_ONNX[kind]
+  nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+           helper.make_node("ReduceMean", ["xf", "axes"], ["m"], keepdims=0),
+           helper.make_node("Unsqueeze", ["m", "one"], ["m1"]),
+           helper.make_node("Cast", ["m1"], ["y"], to=getattr(TensorProto, out_type))]
+  graph = helper.make_graph(
+      nodes, "foreign", [helper.make_tensor_value_info("x", getattr(TensorProto, in_type), shape)],
+      [helper.make_tensor_value_info("y", getattr(TensorProto, out_type), ["N", 1])],
+      initializer=[helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+                   helper.make_tensor("one", TensorProto.INT64, [1], [1])])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  model.ir_version = 8
+  path = ctx["tmp"] / f"foreign_{kind.replace(' ', '_')}.onnx"
+  onnx.save(model, path)
+  return str(path)
 
 
 def test_the_suite_is_large_enough():
