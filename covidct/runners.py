@@ -265,7 +265,7 @@ class OnnxRunner(Runner):
     shape = list(inp.shape)
     fixed = len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])
     if (len(inputs) != 1 or inp.type not in ("tensor(uint8)", "tensor(float)") or not fixed or shape[3] != 1
-        or shape[1] != shape[2] or shape[1] < 32 or out.type != "tensor(float)"
+        or shape[1] != shape[2] or out.type != "tensor(float)"
         or not (len(out.shape) == 1 or (len(out.shape) == 2 and out.shape[1] == 1))):
       raise CovidctError(
           f"{path}: not a model covidct can run: it takes {', '.join(f'{i.name} {i.type} {list(i.shape)}' for i in inputs)}"

@@ -168,12 +168,26 @@ def test_cv_stops_at_max_minutes_and_refuses_bad_input(dummy_data_dir, tmp_path)
     resolve("finetune", lung_crop="lungs")
 
 
-def test_the_model_of_record_is_the_schedule_its_cross_validation_chose():
-  import math
-
+def test_the_model_of_record_trains_on_two_sources_and_keeps_validation_for_its_threshold():
+  """The mixed recipe has no cross-validated record: the main job trains it on train for its whole schedule
+  (patience 0) and fits the threshold on every training source's validation split (the calibration split)."""
   from covidct.config import CROSS_VALIDATED, MODEL_OF_RECORD, RECIPES
 
-  cfg, record = RECIPES[MODEL_OF_RECORD], CROSS_VALIDATED[MODEL_OF_RECORD]
+  cfg = RECIPES[MODEL_OF_RECORD]
+  assert MODEL_OF_RECORD == "mixed" and MODEL_OF_RECORD not in CROSS_VALIDATED
+  assert cfg.sources == ("covid_ct", "cc_ccii") and cfg.patience == 0 and cfg.slices_per_patient == 4
+  finetune = RECIPES["finetune"]  # the same network and schedule as the single-source recipe the protocol compared
+  assert all(getattr(cfg, f) == getattr(finetune, f) for f in ("model", "image_size", "head_epochs", "epochs",
+                                                               "learning_rate", "fine_tune_learning_rate",
+                                                               "freeze_batch_norm", "augment"))
+
+
+def test_the_finetune_recipe_is_the_schedule_its_cross_validation_chose():
+  import math
+
+  from covidct.config import CROSS_VALIDATED, RECIPES
+
+  cfg, record = RECIPES["finetune"], CROSS_VALIDATED["finetune"]
   assert cfg.head_epochs + cfg.epochs == record.epochs
   assert 0 < record.threshold < 1 and record.temperature > 0 and record.folds == 5
   # The quantization-aware copy's probabilities are sigmoid(logit / T): the threshold moves with them.
