@@ -263,7 +263,8 @@ CROSS_VALIDATED = {
 
 def config_from_options(recipe: str = "default", *, augment: bool | None = None, noise: float | None = None,
                         resolution: float | None = None, contrast: float | None = None,
-                        brightness: float | None = None, weights: str | None = None,
+                        brightness: float | None = None, zoom: float | None = None, shift: float | None = None,
+                        weights: str | None = None,
                         fine_tune_from: int | str | None = None, resize_methods: bool | None = None,
                         jpeg_quality: int | None = None, sources: str | tuple | None = None,
                         source_weights: str | tuple | None = None, **overrides) -> TrainConfig:
@@ -310,7 +311,8 @@ def config_from_options(recipe: str = "default", *, augment: bool | None = None,
     if noise < 0:
       raise CovidctError(f"--noise must be zero or more grey levels, got {noise}.")
     extra["noise"] = noise
-  for name, value in (("resolution", resolution), ("contrast", contrast), ("brightness", brightness)):
+  for name, value in (("resolution", resolution), ("contrast", contrast), ("brightness", brightness), ("zoom", zoom),
+                      ("shift", shift)):
     if value is not None:
       if not 0 <= value < 1:
         raise CovidctError(f"--{name} must be a fraction from 0 (off) up to, not including, 1; got {value}.")

@@ -196,16 +196,21 @@ def cross_validate(cfg: TrainConfig, out_dir, k: int = DEFAULT_FOLDS, fold_seed:
   return result
 
 
-def protocol(cfg: TrainConfig, out_dir, leave_one_source_out: bool = False, **kwargs) -> tuple[dict, dict | None]:
-  """`covidct cv`: the patient-grouped folds (cross_validate, with `kwargs`) and, with `leave_one_source_out`, each
-  source held out in turn (leave_one_source_out, into out_dir/loso/). Returns (the folds' summary, the
-  leave-one-source-out summary or None)."""
+def protocol(cfg: TrainConfig, out_dir, leave_one_source_out: bool = False, folds: bool = True,
+             **kwargs) -> tuple[dict | None, dict | None]:
+  """`covidct cv`: the patient-grouped folds (cross_validate, with `kwargs`; unless `folds` is False) and, with
+  `leave_one_source_out`, each source held out in turn (held_out_sources, into out_dir/loso/, or out_dir itself
+  without the folds). Returns (the folds'
+  summary or None, the leave-one-source-out summary or None)."""
   if leave_one_source_out and len(cfg.sources) < 2:  # refused before anything is trained
     raise CovidctError("--leave-one-source-out needs at least two --sources, e.g. covid_ct,cc_ccii.")
-  result = cross_validate(cfg, out_dir, **kwargs)
+  if not folds and not leave_one_source_out:
+    raise CovidctError("nothing to do: without the folds, give --leave-one-source-out.")
+  result = cross_validate(cfg, out_dir, **kwargs) if folds else None
   if not leave_one_source_out:
     return result, None
-  return result, held_out_sources(cfg, pathlib.Path(out_dir) / "loso", verbose=kwargs.get("verbose", 0))
+  where = pathlib.Path(out_dir) / "loso" if folds else out_dir  # alone, it is the whole output
+  return result, held_out_sources(cfg, where, verbose=kwargs.get("verbose", 0), overwrite=bool(kwargs.get("overwrite")))
 
 
 def held_out_sources(cfg: TrainConfig, out_dir, overwrite: bool = False, verbose: int = 0,

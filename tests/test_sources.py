@@ -362,3 +362,21 @@ def test_leave_one_source_out_scores_each_source_with_a_model_that_never_saw_it(
                                     "--data-dir", str(dummy_data_dir)])
   assert alone.exit_code == 1 and "needs at least two --sources" in alone.output
   assert not (tmp_path / "cv1").exists()
+
+
+def test_only_held_out_screens_an_option_without_the_folds(dummy_data_dir, tmp_path):
+  """`--only-held-out`: leave-one-source-out alone, written to OUT, with the option in its config."""
+  res = CliRunner().invoke(main, ["cv", "--out", str(tmp_path / "screen"), "--only-held-out", "--epochs", "1",
+                                  "--image-size", str(SIZE), "--batch-size", "4", "--sources", "covid_ct,cc_ccii",
+                                  "--epoch-images", "8", "--augment", "--zoom", "0.3", "--shift", "0.1",
+                                  "--data-dir", str(dummy_data_dir), "--quiet"])
+  assert res.exit_code == 0, res.output
+  out = tmp_path / "screen"
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "loso.json", "loso.md", "without_cc_ccii",
+                                                    "without_covid_ct"]
+  config = json.loads((out / "config.json").read_text())
+  assert config["augment"]["zoom"] == 0.3 and config["augment"]["shift"] == 0.1
+  assert "## Leave one source out" in res.output and "cv.md" not in res.output
+  bad = CliRunner().invoke(main, ["cv", "--out", str(tmp_path / "bad"), "--only-held-out", "--zoom", "1.5",
+                                  "--augment", "--sources", "covid_ct,cc_ccii", "--data-dir", str(dummy_data_dir)])
+  assert bad.exit_code == 1 and "--zoom must be a fraction" in bad.output and not (tmp_path / "bad").exists()

@@ -45,24 +45,28 @@ def train_cmd(out_dir, overwrite, quiet, **options):
 @click.option("--leave-one-source-out", "loso", is_flag=True,
               help="With several --sources: also train on all sources but one and score the one left out (its train "
                    "+ validation), for each source; written to OUT/loso/. When it and the folds disagree, it decides.")
+@click.option("--only-held-out", is_flag=True,
+              help="Leave one source out without the folds (a quicker screen of an option): written to OUT.")
 @training_options
 @OVERWRITE
 @QUIET
 @friendly
-def cv_cmd(out_dir, folds, fold_seed, target_sensitivity, max_minutes, loso, overwrite, quiet, **options):
+def cv_cmd(out_dir, folds, fold_seed, target_sensitivity, max_minutes, loso, only_held_out, overwrite, quiet,
+           **options):
   """Cross-validate a training option on train + validation (patient-grouped folds; never reads test)."""
   from covidct import cv  # pylint: disable=import-outside-toplevel
   from covidct.config import config_from_options  # pylint: disable=import-outside-toplevel
   from covidct.fsutil import refuse_existing  # pylint: disable=import-outside-toplevel
 
   refuse_existing(out_dir, overwrite)
-  result, held = cv.protocol(config_from_options(**options), out_dir, leave_one_source_out=loso, overwrite=overwrite,
-                             verbose=0 if quiet else 2, **given(k=folds, fold_seed=fold_seed,
-                                                                target_sensitivity=target_sensitivity,
-                                                                max_minutes=max_minutes))
-  click.echo(cv.markdown(result) + f"\nWritten to {out_dir}/cv.md")
+  result, held = cv.protocol(config_from_options(**options), out_dir, leave_one_source_out=loso or only_held_out,
+                             folds=not only_held_out, overwrite=overwrite, verbose=0 if quiet else 2,
+                             **given(k=folds, fold_seed=fold_seed, target_sensitivity=target_sensitivity,
+                                     max_minutes=max_minutes))
+  if result is not None:
+    click.echo(cv.markdown(result) + f"\nWritten to {out_dir}/cv.md")
   if held is not None:
-    click.echo("\n" + cv.loso_markdown(held) + f"\nWritten to {out_dir}/loso/loso.md")
+    click.echo("\n" + cv.loso_markdown(held) + f"\nWritten to {out_dir}{'' if only_held_out else '/loso'}/loso.md")
 
 
 
