@@ -117,6 +117,14 @@ def run_benchmark(artifacts_dir, out_dir, batch_sizes=(1, 8, 32), threads=(1, 2)
   if runtimes:
     rows = [r for r in rows if r["runtime"] in runtimes]
   manifest = Manifest.load(root)
+  from covidct.manifest import MANIFEST_FILE  # pylint: disable=import-outside-toplevel
+  from covidct.predict import check_listed_file  # pylint: disable=import-outside-toplevel
+
+  for info in manifest.artifacts.values():  # a changed copy must not be timed, nor carry export's parity verdict
+    if not (root / info["file"]).is_file():
+      raise CovidctError(f"{root / info['file']} is listed in {root / MANIFEST_FILE} but missing; copy the whole "
+                         "export folder again.")
+    check_listed_file(root / info["file"], manifest, root / MANIFEST_FILE)
   flops, flops_source = _flops(root / "saved_model")
   peaks = {t: measured_gemm_gflops(t) for t in threads}
   int8_peaks = {t: measured_int8_gemm_gops(t) for t in threads}

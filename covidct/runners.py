@@ -364,6 +364,9 @@ def load_runner(path, runtime: str = "default", **kwargs) -> Runner:
   if runtime == "openvino":
     if not path.exists() or path.suffix.lower() not in (".onnx", ".tflite"):
       raise CovidctError(f"{path}: OpenVINO runs the .onnx and .tflite copies; pass one of those.")
+    from covidct.digest import check_weights  # pylint: disable=import-outside-toplevel
+
+    check_weights(path)
     return OpenVINORunner(path, **kwargs)
   if not path.exists():
     raise CovidctError(f"{path} does not exist; pass a training output folder, a SavedModel, .keras, .tflite or .onnx.")
@@ -375,6 +378,9 @@ def load_runner(path, runtime: str = "default", **kwargs) -> Runner:
       return SavedModelRunner(path / "saved_model")
     return SavedModelRunner(path)
   suffix = path.suffix.lower()
+  from covidct.digest import check_weights  # pylint: disable=import-outside-toplevel
+
+  check_weights(path)  # a copy that records a digest of its weights must still match it
   if suffix == ".tflite":
     return LiteRTRunner(path, **kwargs)
   if suffix == ".onnx":

@@ -232,6 +232,18 @@ def associated_file(path, name: str) -> bytes | None:
     return None
 
 
+def read_meaning_dict(path) -> dict | None:
+  """The .tflite's own covidct_meaning.json as written (string values), or None."""
+  raw = associated_file(path, MEANING_FILE)
+  if raw is None:
+    return None
+  try:
+    meaning = json.loads(raw)
+  except ValueError:
+    return None
+  return meaning if isinstance(meaning, dict) else None
+
+
 def read_meaning(path) -> dict | None:
   """{'labels', 'threshold'} from the .tflite's own associated covidct_meaning.json, or None."""
   raw = associated_file(path, MEANING_FILE)

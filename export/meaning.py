@@ -14,6 +14,7 @@ import pathlib
 
 import numpy as np
 
+from covidct.digest import DIGEST_KEY, onnx_weights_digest, tflite_weights_digest
 from covidct.models import INPUT_NAME, OUTPUT_NAME
 from covidct.vectors import VECTORS_DIR, load_vectors
 
@@ -53,7 +54,7 @@ def onnx_metadata(path, manifest: dict, fmt: str, version: str) -> None:
                       f"Output '{OUTPUT_NAME}': P(COVID). Label COVID when P >= the operating threshold "
                       f"{manifest['operating_threshold']['value']:.4f}. Not a diagnostic device.")
   del model.metadata_props[:]
-  for key, value in meaning(manifest, fmt).items():
+  for key, value in {**meaning(manifest, fmt), DIGEST_KEY: onnx_weights_digest(model)}.items():
     model.metadata_props.add(key=key, value=value)
   onnx.save(model, str(path))
 
@@ -86,7 +87,8 @@ def tflite_metadata(path, manifest: dict, fmt: str, version: str) -> None:
       "associated_files": [{"name": tm.MEANING_FILE, "type": tm.DESCRIPTIONS,
                             "description": "covidct's meaning keys: labels, operating threshold, preprocessing."}],
   }, {tm.LABELS_FILE: ("\n".join(labels) + "\n").encode(),
-      tm.MEANING_FILE: json.dumps(meaning(manifest, fmt), indent=2).encode()})
+      tm.MEANING_FILE: json.dumps({**meaning(manifest, fmt), DIGEST_KEY: tflite_weights_digest(path)},
+                                  indent=2).encode()})
 
 
 def write_vectors(out_dir, artifact: str, images: np.ndarray, reference: np.ndarray, tolerance: float) -> str:

@@ -134,6 +134,65 @@ def _flipped(ctx, name):
   return str(copy / name)
 
 
+def _flip_weights(path: pathlib.Path, sign: bool = False) -> None:
+  """Flips bytes inside the largest weight tensor of an .onnx or .tflite, leaving a file that still loads: for an
+  .onnx through onnx (re-saved, metadata kept); for a .tflite in place, where that tensor's bytes lie."""
+  if path.suffix == ".onnx":
+    import onnx
+
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    raw = bytearray(init.raw_data)
+    for i in range(0, min(len(raw), 3000)):
+      raw[i] ^= 0x5A
+    init.raw_data = bytes(raw)
+    onnx.save(model, str(path))
+    return
+  from ai_edge_litert import schema_py_generated as schema
+
+  data = bytearray(path.read_bytes())
+  model = schema.Model.GetRootAs(bytes(data), 0)
+  biggest = max(range(model.BuffersLength()), key=lambda i: model.Buffers(i).DataLength())
+  blob = model.Buffers(biggest).DataAsNumpy().tobytes()
+  start = bytes(data).find(blob[:256])
+  assert start > 0
+  for i in range(start, start + min(len(blob), 20000)):
+    if sign:
+      if i % 2 == 1:  # float16, little-endian: the sign bit is the high byte's top bit
+        data[i] ^= 0x80
+    else:
+      data[i] ^= 0x5A
+  path.write_bytes(bytes(data))
+
+
+def _lone_flipped(ctx, name, sign=False):
+  lone = ctx["tmp"] / "lone"
+  lone.mkdir(exist_ok=True)
+  path = pathlib.Path(shutil.copy(ctx["exported"] / name, lone))
+  _flip_weights(path, sign)
+  return str(path)
+
+
+def _flipped_with_vectors(ctx):
+  """An export copy without its manifest (the SHA-256 check gone), a weight-flipped .onnx and its vectors."""
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  (copy / "manifest.json").unlink()
+  _flip_weights(copy / "model_float32.onnx")
+  return str(copy / "model_float32.onnx")
+
+
+def _truncated_in_export(ctx, name):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  (copy / name).write_bytes((copy / name).read_bytes()[:5000])
+  return str(copy)
+
+
+def _missing_in_export(ctx, name):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  (copy / name).unlink()
+  return str(copy)
+
+
 def _file(ctx, name, content: bytes):
   path = ctx["tmp"] / name
   path.write_bytes(content)
@@ -385,6 +444,21 @@ CASES = [
     ("predict: bytes flipped in an exported .onnx", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
                                                                _flipped(c, "model_float32.onnx"), "--threshold",
                                                                "0.5"], 1, "does not match the SHA-256 that"),
+    # a copy that travels alone carries a digest of its own weights: flipped weights are refused everywhere
+    ("predict: weights flipped in a lone .onnx", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                            _lone_flipped(c, "model_float32.onnx")], 1,
+     "do not match the digest in its own metadata"),
+    ("predict: weights flipped in a lone .tflite", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                              _lone_flipped(c, "model_float32.tflite")], 1,
+     "do not match the digest in its own metadata"),
+    ("predict: sign bits flipped in a lone float16 .tflite", lambda c: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _lone_flipped(c, "model_float16.tflite", sign=True)], 1,
+     "do not match the digest in its own metadata"),
+    ("bulk-predict: weights flipped in a lone .onnx", lambda c: [
+        "bulk-predict", "--input", _png(c["tmp"] / "a.png"), "--model", _lone_flipped(c, "model_float32.onnx"),
+        "--out", str(c["tmp"] / OUT)], 1, "do not match the digest in its own metadata"),
+    ("verify: weights flipped, vectors beside it", lambda c: ["verify", _flipped_with_vectors(c)], 1,
+     "do not match the digest in its own metadata"),
     ("predict: damaged manifest beside the model", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
                                                               _edited_manifest(c, lambda m: "{")], 1,
      "is not a covidct manifest"),
@@ -423,6 +497,14 @@ CASES = [
      "has no manifest.json"),
     ("bench: damaged manifest", lambda c: ["bench", _edited_manifest(c, lambda m: "nope"), "--out",
                                            str(c["tmp"] / OUT)], 1, "is not a covidct manifest"),
+    ("bench: a bit-flipped .onnx in the export", lambda c: [
+        "bench", str(pathlib.Path(_flipped(c, "model_float32.onnx")).parent), "--out", str(c["tmp"] / OUT)], 1,
+     "does not match the SHA-256 that"),
+    ("bench: a truncated .onnx in the export", lambda c: [
+        "bench", _truncated_in_export(c, "model_float32.onnx"), "--out", str(c["tmp"] / OUT)], 1,
+     "does not match the SHA-256 that"),
+    ("bench: a .tflite missing from the export", lambda c: [
+        "bench", _missing_in_export(c, "model_float16.tflite"), "--out", str(c["tmp"] / OUT)], 1, "model_float16"),
     # compare
     ("compare: not a run", lambda c: ["compare", str(c["tmp"])], 1, "has no config.json"),
     ("compare: config.json a list", lambda c: ["compare", _run_copy(c, config="[]")], 1, "cannot read its config.json"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,22 @@ def test_the_exactness_setting_is_applied_only_where_the_kernels_saturate(tmp_pa
   assert runner.session_config == {"session.x64quantprecision": "1"}
   p = runner(np.full((1, SIZE, SIZE, 1), 255, np.uint8), batch_size=1)
   np.testing.assert_allclose(p * 256, [254], atol=1e-3)
+
+
+def test_every_runtime_refuses_a_copy_whose_weights_no_longer_match_its_own_digest(exported, tmp_path):
+  """The digest of its weights travels in each .onnx and .tflite's own metadata; load_runner checks it under every
+  runtime, and writing the metadata did not change it."""
+  import shutil
+
+  from covidct.digest import check_weights
+  from covidct.errors import CovidctError
+  from covidct.runners import load_runner
+  from tests.test_bad_inputs import _flip_weights
+
+  for name in ("model_float32.onnx", "model_float32.tflite", "model_float16.tflite"):
+    check_weights(exported / name)  # as exported: matches
+    copy = pathlib.Path(shutil.copy(exported / name, tmp_path / name))
+    _flip_weights(copy)
+    for runtime in ("default", "openvino"):
+      with pytest.raises(CovidctError, match="do not match the digest in its own metadata"):
+        load_runner(copy, runtime=runtime)
