@@ -258,11 +258,10 @@ def read_meaning_dict(path) -> dict | None:
 
 def read_meaning(path) -> dict | None:
   """{'labels', 'threshold'} from the .tflite's own associated covidct_meaning.json, or None."""
-  raw = associated_file(path, MEANING_FILE)
-  if raw is None:
+  meaning = read_meaning_dict(path)
+  if meaning is None:
     return None
   try:
-    meaning = json.loads(raw)
     return {"labels": json.loads(meaning["labels"]), "threshold": float(meaning["operating_threshold"])}
   except (ValueError, KeyError, TypeError):
     return None

@@ -186,3 +186,15 @@ def test_a_damaged_deflate_stream_in_a_zip_is_one_line(dummy_builder, manual_cop
   path.write_bytes(bytes(data))
   msg = _build_fails(manual_copy, tmp_path / "d", "cannot be read from the zip|does not match the manifest")
   assert "CT_COVID.zip" in msg
+
+
+def test_a_manual_dir_given_for_a_prepared_source_is_said_to_be_unread(dummy_builder, manual_copy, tmp_path):
+  """A damaged manual dir pointed at a data dir that already holds the source: the build reuses what was verified
+  when it was made, and says that it did not read the folder (it used to answer 'ready' as if it had)."""
+  runner = CliRunner()
+  data = ["--data-dir", str(tmp_path / "d")]
+  assert runner.invoke(main, ["data", "build", "--manual-dir", str(manual_copy), *data]).exit_code == 0
+  (manual_copy / "NonCOVID-CT-MetaInfo.csv").write_bytes(b"\x00" * 10)
+  res = runner.invoke(main, ["data", "build", "--manual-dir", str(manual_copy), *data])
+  assert res.exit_code == 0 and f"already prepared: {manual_copy} was not read again" in res.output, res.output
+  assert "delete" in res.output

@@ -220,3 +220,19 @@ def test_a_file_swapped_after_the_checks_is_not_pushed(exported, dummy_data_dir,
   assert res.exit_code == 1 and "model_float32.onnx changed while it was being pushed" in res.stderr, res.output
   assert not serving.exists() or not [p for p in serving.iterdir() if p.name != "push"]
   assert not list(serving.rglob(".push.partial*"))
+
+
+def test_the_model_card_shows_what_push_measured_not_what_the_manifest_claims(exported, dummy_data_dir, tmp_path):
+  """Forged test figures in a manifest (its own file has no hash) never reach the model card, even with --force."""
+  copy = tmp_path / "export"
+  shutil.copytree(exported, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  manifest["metrics"]["saved_model"]["test"]["roc_auc"] = 0.987654
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  res = CliRunner().invoke(main, ["push", str(copy), "--serving", str(tmp_path / "serving"), "--force",
+                                  "--skip-infra-validation", "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 0, res.output
+  card = (tmp_path / "serving" / "1" / "MODEL_CARD.md").read_text()
+  blessing = json.loads((tmp_path / "serving" / "1" / "blessing.json").read_text())
+  assert "0.988" not in card and "measured at push" in card
+  assert f"{blessing['test']['roc_auc']:.3f}" in card.split("## Metrics")[1].split("##")[0]
