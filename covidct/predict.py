@@ -47,7 +47,13 @@ def resolve_model(model_path) -> tuple[pathlib.Path, str, str | None]:
   if p.is_dir():
     for base in (p, p / "assets.extra"):
       if (base / MANIFEST_FILE).is_file():
-        rec = Manifest.load(base).recommended or {}
+        manifest = Manifest.load(base)
+        rec = manifest.recommended or {}
+        copies = {a.get("file") for a in manifest.artifacts.values() if isinstance(a, dict)} | {"saved_model"}
+        if rec.get("file") and rec["file"] not in copies:  # a plain name among the version's own copies, or nothing
+          raise CovidctError(f"{base / MANIFEST_FILE}: its recommended copy {rec['file']!r} is not one of the copies "
+                             "it lists (the manifest was edited); run covidct bench on the export again, or pass a "
+                             "copy with --model.")
         runtime = RECOMMENDED_RUNTIMES.get(rec.get("runtime"))
         target = (base / rec["file"]) if rec.get("file") else None
         if target is not None and rec.get("file") == "saved_model" and base.name == "assets.extra":
@@ -61,15 +67,13 @@ def resolve_model(model_path) -> tuple[pathlib.Path, str, str | None]:
   return p, "default", None
 
 
-def find_threshold(model_path) -> tuple[float, str] | None:
-  """The operating threshold from a manifest.json beside or above the artifact, and that file's path; None if no
-  manifest is found. A file the manifest lists must still have the SHA-256 it records."""
-  found = find_manifest(model_path)
-  if found is None:
-    return None
-  manifest, path = found
-  check_listed_file(model_path, manifest, path)
-  return manifest.threshold, str(path)
+def listed_in(model_path, manifest, manifest_path) -> bool:
+  """Whether `model_path` is a file the manifest lists, or a folder (a SavedModel, an export or pushed version)."""
+  p = pathlib.Path(model_path).resolve()
+  if not p.is_file():
+    return True
+  base = pathlib.Path(manifest_path).resolve().parent
+  return p.is_relative_to(base) and str(p.relative_to(base)) in manifest.files
 
 
 def check_listed_file(model_path, manifest, manifest_path) -> None:
@@ -211,7 +215,11 @@ def model_threshold(model_path, threshold: float | None = None, manifest=None) -
                          "strictly between 0 and 1 (the file was changed); export it again, or pass --threshold.")
     found = (float(value), f"{model_path} (its {kind} metadata)")
   else:
-    found = (manifest[0].threshold, str(manifest[1])) if manifest else find_threshold(model_path)
+    manifest = manifest or find_manifest(model_path)
+    if manifest and not listed_in(model_path, *manifest):
+      raise CovidctError(f"{model_path} is not one of the copies {manifest[1]} lists, so that manifest's threshold "
+                         "does not apply to it; pass --threshold, or use a copy the export wrote.")
+    found = (manifest[0].threshold, str(manifest[1])) if manifest else None
   return {"value": found[0], "from": found[1]} if found else {"value": 0.5, "from": "default (no manifest found)"}
 
 

@@ -19,19 +19,32 @@ from covidct.repository import BLESSING_FILE, versions  # noqa: F401  (versions:
 MODEL_CARD_FILE = "MODEL_CARD.md"
 
 
+def report_folders(src: pathlib.Path) -> set[str]:
+  """The folders that `covidct bench EXPORT` (bench/, with its bench.json) and `covidct evaluate EXPORT/FILE`
+  (<stem>-evaluation-<name>/, with its report.md) write inside an export by default: reports about the export, not
+  part of it. Push neither checks nor ships them (the documented export, bench, push flow)."""
+  found = set()
+  for d in (p for p in src.iterdir() if p.is_dir() and not p.is_symlink()):
+    if (d.name == "bench" and (d / "bench.json").is_file()) or (
+        "evaluation-" in d.name and (d / "report.md").is_file() and d.name not in ("saved_model", "test_data")):
+      found.add(d.name)
+  return found
+
+
 def check_files(src: pathlib.Path, manifest: Manifest) -> None:
-  """Raises unless the export folder holds exactly the files its manifest lists, with their sizes and SHA-256, and
-  no symbolic link (a link would ship whatever it points to)."""
+  """Raises unless the export folder holds exactly the files its manifest lists (besides the report folders of
+  bench and evaluate), with their sizes and SHA-256, and no symbolic link (a link would ship whatever it points to)."""
   from covidct.fsutil import sha256  # pylint: disable=import-outside-toplevel
 
   listed = manifest.files
   if not listed:
     raise CovidctError(f"{src}/{MANIFEST_FILE} lists no files; export the model again with `covidct export`.")
   present = {}
+  reports = report_folders(src)
   for p in sorted(src.rglob("*")):
     if p.is_symlink():
       raise CovidctError(f"{p} is a symbolic link; an export ships its own files only. Export again.")
-    if p.is_file() and p.name != MANIFEST_FILE:
+    if p.is_file() and p != src / MANIFEST_FILE and p.relative_to(src).parts[0] not in reports:
       present[str(p.relative_to(src))] = p
   unlisted = sorted(set(present) - set(listed))
   if unlisted:
@@ -43,6 +56,21 @@ def check_files(src: pathlib.Path, manifest: Manifest) -> None:
     if not isinstance(info, dict) or p.stat().st_size != info.get("bytes") or sha256(p) != info.get("sha256"):
       raise CovidctError(f"{src}/{name} does not match its SHA-256 in the manifest (changed or damaged); export "
                          "again.")
+
+
+def check_thresholds(src: pathlib.Path, manifest: Manifest) -> None:
+  """Raises unless every .onnx and .tflite copy carries the manifest's operating threshold in its own metadata:
+  serve labels by the manifest, predict on a copy by its metadata, and the two must agree (an edited manifest
+  threshold would make them disagree)."""
+  from covidct.runners import read_onnx_meaning  # pylint: disable=import-outside-toplevel
+  from covidct.tflite_metadata import read_meaning  # pylint: disable=import-outside-toplevel
+
+  for info in manifest.artifacts.values():
+    path = src / info["file"]
+    own = (read_onnx_meaning if path.suffix == ".onnx" else read_meaning)(path)
+    if own is not None and own["threshold"] != manifest.threshold:
+      raise CovidctError(f"{src / MANIFEST_FILE}'s operating threshold {manifest.threshold!r} is not the one "
+                         f"{info['file']} carries ({own['threshold']!r}): the manifest was edited. Export again.")
 
 
 def replay_vectors(src: pathlib.Path, manifest: Manifest) -> None:
@@ -135,6 +163,9 @@ def model_card(manifest: Manifest, version: int, sources: dict | None = None) ->
   from tfds_covidct.covid_ct.covid_ct_dataset_builder import Builder  # pylint: disable=import-outside-toplevel
 
   test = manifest.metrics["saved_model"]["test"]
+  row = next((r for r in (sources or {}).get("rows", []) if r["source"] == "covid_ct"), None)
+  if row is not None:  # measured at push, not the manifest's claim (which an edit could forge)
+    test = {"roc_auc": row["roc_auc"], "at_threshold": row["at_threshold"], "ci95": row.get("ci95", {})}
   at, ci = test["at_threshold"], test.get("ci95", {})
   thr = manifest.operating_threshold
   fmt = lambda m: fmt_ci(at[m], ci.get(m), label="95% CI ")  # noqa: E731
@@ -145,7 +176,8 @@ def model_card(manifest: Manifest, version: int, sources: dict | None = None) ->
   metrics = table(["metric", "value"], [("ROC AUC", auc)] + [(m, fmt(m)) for m in
                                                              ("sensitivity", "specificity", "precision", "accuracy")],
                   align="ll")
-  rows = table(["format", "file", "bytes", "test ROC AUC", "max abs diff vs SavedModel", "decision agreement"],
+  rows = table(["format", "file", "bytes", "test ROC AUC (at export)", "max abs diff vs SavedModel",
+                "decision agreement"],
                [(k, v["file"], f"{v['bytes']:,}", f"{manifest.metrics[k]['test']['roc_auc']:.4f}",
                  f"{v['parity']['max_abs_diff']:.1e}", f"{v['parity']['agreement']:.1%}")
                 for k, v in manifest.artifacts.items()], align="llrrrr")
@@ -173,7 +205,7 @@ grayscale slice, {manifest.input['dtype']} {manifest.input['shape']}. Preprocess
 Trained on: {trained}. The other sources (CC-CCII, patient split; COVID-CT-MD, one Tehran centre) are described in
 the dataset card; a source the model never trained on is marked external below.
 
-## Metrics (test split, SavedModel)
+## Metrics (COVID-CT test split, SavedModel{", measured at push" if row is not None else ""})
 Operating threshold {thr['value']:.4f}, chosen on {thr.get('chosen_on', 'validation')} for sensitivity >= {thr['target_sensitivity']}.
 Confidence intervals: bootstrap over patients.
 {_expected_lines(thr)}
@@ -231,6 +263,24 @@ def stage_version(export_dir, dst) -> None:
       shutil.copy2(p, extra / p.name)
 
 
+def check_staged(version_dir: pathlib.Path, manifest: Manifest) -> None:
+  """Raises unless every file a staged version holds from the export matches the manifest's SHA-256 (the SavedModel
+  at the top, the other files in assets.extra/), and its manifest is the one that was checked."""
+  from covidct.fsutil import sha256  # pylint: disable=import-outside-toplevel
+
+  for name, info in manifest.files.items():
+    parts = pathlib.Path(name).parts
+    staged = (version_dir.joinpath(*parts[1:]) if parts[0] == "saved_model" else
+              version_dir / "assets.extra" / name if len(parts) == 1 else None)
+    if staged is None:  # test vectors stay in the export
+      continue
+    if not staged.is_file() or sha256(staged) != info.get("sha256"):
+      raise CovidctError(f"{name} changed while it was being pushed (the copy written does not match the SHA-256 "
+                         "that was checked); nothing was pushed. Push again.")
+  if Manifest.load(version_dir / "assets.extra").to_dict() != manifest.to_dict():
+    raise CovidctError(f"{MANIFEST_FILE} changed while it was being pushed; nothing was pushed. Push again.")
+
+
 PUSH_ATTEMPTS = 20  # versions tried when pushes run at once
 
 
@@ -274,6 +324,7 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
   manifest = Manifest.load(src)
   threshold = manifest.threshold
   check_files(src, manifest)
+  check_thresholds(src, manifest)
   replay_vectors(src, manifest)
   from covidct.runners import SavedModelRunner  # pylint: disable=import-outside-toplevel
 
@@ -296,6 +347,7 @@ def push(export_dir, serving_dir, gate=None, data_dir=None, force: bool = False,
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     stage_version(src, tmp)
+    check_staged(tmp, manifest)  # what was written, not what was read: a file swapped after the checks is caught
     info = {"blessed": ok, "forced": bool(force and not ok), "reasons": reasons, "test": measured,
             "sources": per_source,
             "gate": dataclasses.asdict(gate), "source": str(src.resolve()),

@@ -224,11 +224,23 @@ def read(path) -> dict | None:
 
 
 def associated_file(path, name: str) -> bytes | None:
-  """An associated file's content from the zip appended to the .tflite, or None."""
+  """An associated file's content from the zip appended to the .tflite, or None when the model has no metadata.
+  CovidctError when it has metadata (a TFLITE_METADATA buffer) but its appended files cannot be read: a copy whose
+  tail was cut must not be taken for one without a threshold, and label at 0.5 without a word."""
   try:
     with zipfile.ZipFile(path) as z:
       return z.read(name)
-  except (zipfile.BadZipFile, KeyError, OSError):
+  except KeyError:  # metadata from another tool, without this file
+    return None
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    try:  # metadata that names the file promised it (covidct's lists covidct_meaning.json and labels.txt)
+      promised = name.encode() in (_metadata_buffer(path) or b"")
+    except Exception:  # pylint: disable=broad-except  # not a readable model at all: its runner says why
+      promised = False
+    if promised:
+      raise CovidctError(f"{path}: its TFLite metadata is there but its associated files cannot be read "
+                         f"({type(e).__name__}): the file is truncated or damaged; copy it again from the export.") \
+          from None
     return None
 
 
@@ -246,11 +258,10 @@ def read_meaning_dict(path) -> dict | None:
 
 def read_meaning(path) -> dict | None:
   """{'labels', 'threshold'} from the .tflite's own associated covidct_meaning.json, or None."""
-  raw = associated_file(path, MEANING_FILE)
-  if raw is None:
+  meaning = read_meaning_dict(path)
+  if meaning is None:
     return None
   try:
-    meaning = json.loads(raw)
     return {"labels": json.loads(meaning["labels"]), "threshold": float(meaning["operating_threshold"])}
   except (ValueError, KeyError, TypeError):
     return None

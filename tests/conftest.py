@@ -65,6 +65,7 @@ def dummy_builder(monkeypatch):
 
   monkeypatch.setattr(mod.Builder, "EXPECTED_COUNTS", DUMMY_COUNTS)
   monkeypatch.setattr(mod.Builder, "IMAGE_HASHES", DUMMY_DATA / "image_hashes.tsv")
+  monkeypatch.setattr(mod.Builder, "METADATA_HASHES", DUMMY_DATA / "metadata_hashes.tsv")
   monkeypatch.setattr(mod.Builder, "SOURCE_COUNTS", DUMMY_SOURCE_COUNTS)
   monkeypatch.setattr(mod.Builder, "SOURCE_MANIFESTS", DUMMY_MANIFESTS)
   return mod.Builder
@@ -101,6 +102,7 @@ def dummy_sources():
 
   stack = contextlib.ExitStack()
   for name, value in (("EXPECTED_COUNTS", DUMMY_COUNTS), ("IMAGE_HASHES", DUMMY_DATA / "image_hashes.tsv"),
+                      ("METADATA_HASHES", DUMMY_DATA / "metadata_hashes.tsv"),
                       ("SOURCE_COUNTS", DUMMY_SOURCE_COUNTS), ("SOURCE_MANIFESTS", DUMMY_MANIFESTS)):
     stack.enter_context(mock.patch.object(mod.Builder, name, value))
   return stack

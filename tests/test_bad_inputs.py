@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from covidct.cli import main
-from tests.conftest import SIZE
+from tests.conftest import DUMMY_DATA, SIZE
 
 OUT = "out"  # each case's output path, relative to its folder: it must not exist after a refused command
 
@@ -173,12 +173,64 @@ def _lone_flipped(ctx, name, sign=False):
   return str(path)
 
 
-def _flipped_with_vectors(ctx):
-  """An export copy without its manifest (the SHA-256 check gone), a weight-flipped .onnx and its vectors."""
+def _flipped_with_vectors(ctx, name="model_float32.onnx"):
+  """An export copy without its manifest (the SHA-256 check gone), a weight-flipped copy and its vectors."""
   copy = _copy(ctx["exported"], ctx["tmp"] / "export")
   (copy / "manifest.json").unlink()
-  _flip_weights(copy / "model_float32.onnx")
-  return str(copy / "model_float32.onnx")
+  _flip_weights(copy / name)
+  return str(copy / name)
+
+
+def _unlisted_in_export(ctx):
+  """A loadable model of the right shape that the export's manifest does not list, in a subfolder of the export."""
+  import onnx
+  from onnx import TensorProto, helper
+
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  size = json.loads((copy / "manifest.json").read_text())["input"]["shape"][1]
+  nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+           helper.make_node("ReduceMean", ["xf", "axes"], ["m"], keepdims=0),
+           helper.make_node("Unsqueeze", ["m", "one"], ["m1"]),
+           helper.make_node("Div", ["m1", "top"], ["y"])]
+  graph = helper.make_graph(
+      nodes, "foreign", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", size, size, 1])],
+      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+      initializer=[helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+                   helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+                   helper.make_tensor("top", TensorProto.FLOAT, [1], [255.0])])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  model.ir_version = 8
+  (copy / "foreign").mkdir()
+  onnx.save(model, copy / "foreign" / "model.onnx")
+  return str(copy / "foreign" / "model.onnx")
+
+
+def _recommending(ctx, file):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  manifest = json.loads((copy / "manifest.json").read_text())
+  from covidct.versions import cpu_label
+
+  manifest["recommended"] = {"batch": 1, "threads": 1, "artifact": "onnx_float32", "runtime": "ort", "file": file,
+                             "measured_on": cpu_label()}
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  return str(copy)
+
+
+def _cut_tail(ctx, name):
+  lone = ctx["tmp"] / "lone"
+  lone.mkdir(exist_ok=True)
+  path = pathlib.Path(shutil.copy(ctx["exported"] / name, lone))
+  data = path.read_bytes()
+  path.write_bytes(data[:-60])  # the zip's end-of-central-directory record, and a little more
+  return str(path)
+
+
+def _nested_manifest(ctx, folder="saved_model"):
+  copy = _copy(ctx["exported"], ctx["tmp"] / "export")
+  manifest = json.loads((copy / "manifest.json").read_text())
+  manifest["operating_threshold"]["value"] = 0.99
+  (copy / folder / "manifest.json").write_text(json.dumps(manifest))
+  return str(copy)
 
 
 def _truncated_in_export(ctx, name):
@@ -412,6 +464,59 @@ CASES = [
     *[(f"bulk-predict: foreign ONNX, {kind}", lambda c, kind=kind: [
         "bulk-predict", "--input", _png(c["tmp"] / "a.png"), "--model", _foreign_onnx(c, kind), "--threshold", "0.5", "--out",
         str(c["tmp"] / OUT)], 1, "not a model covidct can run") for kind in ("channels first", "int64 output")],
+    # a manifest speaks for the copies it lists, no others; and it is what push checked
+    ("predict: an unlisted model in an export subfolder", lambda c: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _unlisted_in_export(c)], 1, "is not one of the copies"),
+    *[(f"predict: recommendation {what}", lambda c, file=file: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _recommending(c, file)], 1,
+       "is not one of the copies it lists")
+      for what, file in (("outside the version", "../../elsewhere/model.onnx"), ("an absolute path", "/tmp/m.onnx"),
+                         ("a file the manifest does not list", "model_int8.onnx"))],
+    *[(f"predict: a {name} whose metadata files were cut off", lambda c, name=name: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _cut_tail(c, name)], 1, "associated files cannot be read")
+      for name in ("model_float32.tflite", "model_float16.tflite")],
+    ("push: an unlisted manifest.json inside saved_model", lambda c: [
+        "push", _nested_manifest(c), "--serving", str(c["tmp"] / OUT), "--data-dir", c["data"]], 1,
+     "does not list (saved_model/manifest.json)"),
+    ("push: the manifest's threshold edited", lambda c: [
+        "push", _edited_manifest(c, lambda m: json.dumps({**m, "operating_threshold": {
+            **m["operating_threshold"], "value": 0.99}})), "--serving", str(c["tmp"] / OUT), "--data-dir",
+        c["data"]], 1, "the manifest was edited"),
+    ("push: the manifest's threshold nudged", lambda c: [
+        "push", _edited_manifest(c, lambda m: json.dumps({**m, "operating_threshold": {
+            **m["operating_threshold"], "value": m["operating_threshold"]["value"] + 1e-6}})), "--serving",
+        str(c["tmp"] / OUT), "--data-dir", c["data"]], 1, "the manifest was edited"),
+    # the same refusals on every path that runs a copy
+    *[(f"evaluate: weights flipped in a lone {name[-5:]}", lambda c, name=name: [
+        "evaluate", _lone_flipped(c, name), "--folder", _class_folders(c), "--out", str(c["tmp"] / OUT)], 1,
+       "do not match the digest in its own metadata") for name in ("model_float32.onnx", "model_float32.tflite")],
+    *[(f"evaluate: foreign ONNX, {kind}", lambda c, kind=kind: [
+        "evaluate", _foreign_onnx(c, kind), "--folder", _class_folders(c), "--threshold", "0.5", "--out",
+        str(c["tmp"] / OUT)], 1, "not a model covidct can run") for kind in ("channels first", "int64 output")],
+    ("bulk-predict: weights flipped in a lone .tflite", lambda c: [
+        "bulk-predict", "--input", _png(c["tmp"] / "a.png"), "--model", _lone_flipped(c, "model_float32.tflite"),
+        "--out", str(c["tmp"] / OUT)], 1, "do not match the digest in its own metadata"),
+    ("bulk-predict: foreign ONNX, symbolic height and width", lambda c: [
+        "bulk-predict", "--input", _png(c["tmp"] / "a.png"), "--model",
+        _foreign_onnx(c, "symbolic height and width"), "--threshold", "0.5", "--out", str(c["tmp"] / OUT)], 1,
+     "not a model covidct can run"),
+    ("bulk-predict: a .tflite whose metadata files were cut off", lambda c: [
+        "bulk-predict", "--input", _png(c["tmp"] / "a.png"), "--model", _cut_tail(c, "model_float32.tflite"),
+        "--out", str(c["tmp"] / OUT)], 1, "associated files cannot be read"),
+    ("verify: weights flipped in a .tflite, vectors beside it", lambda c: [
+        "verify", _flipped_with_vectors(c, "model_float32.tflite")], 1, "do not match the digest in its own metadata"),
+    ("predict --json: weights flipped in a lone .onnx", lambda c: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _lone_flipped(c, "model_float32.onnx"), "--json"], 1,
+     "do not match the digest in its own metadata"),
+    ("predict --strict: an unlisted model in an export subfolder", lambda c: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _unlisted_in_export(c), "--strict"], 1,
+     "is not one of the copies"),
+    ("push: a manifest.json inside test_data", lambda c: [
+        "push", _nested_manifest(c, "test_data"), "--serving", str(c["tmp"] / OUT), "--data-dir", c["data"]], 1,
+     "does not list (test_data/manifest.json)"),
+    ("predict --json: foreign ONNX, three channels", lambda c: [
+        "predict", _png(c["tmp"] / "a.png"), "--model", _foreign_onnx(c, "three channels"), "--json"], 1,
+     "not a model covidct can run"),
     ("push --list: damaged blessing.json", lambda c: ["push", "--list", "--serving", _blessing(c, "{oops")], 1,
      "is not a covidct blessing record"),
     ("push: floor above 1", lambda c: ["push", str(c["exported"]), "--serving", str(c["tmp"] / OUT),
@@ -463,7 +568,10 @@ CASES = [
                                                               _edited_manifest(c, lambda m: "{")], 1,
      "is not a covidct manifest"),
     ("predict: damaged guard.json", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model", _damaged_guard(c)], 1,
-     "not a covidct input guard"),
+     "does not match the SHA-256 that its manifest records"),
+    ("predict: damaged guard.json, no manifest", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model",
+                                                            _damaged_guard(c, manifest=False), "--threshold", "0.5"],
+     1, "not a covidct input guard"),
     ("predict --strict: a blank image", lambda c: ["predict", _png(c["tmp"] / "blank.png", value=0), "--model",
                                                    str(c["exported"]), "--strict"], 1, "refused (--strict)"),
     ("predict: threshold 1", lambda c: ["predict", _png(c["tmp"] / "a.png"), "--model", str(c["exported"]),
@@ -497,14 +605,14 @@ CASES = [
      "has no manifest.json"),
     ("bench: damaged manifest", lambda c: ["bench", _edited_manifest(c, lambda m: "nope"), "--out",
                                            str(c["tmp"] / OUT)], 1, "is not a covidct manifest"),
-    ("bench: a bit-flipped .onnx in the export", lambda c: [
-        "bench", str(pathlib.Path(_flipped(c, "model_float32.onnx")).parent), "--out", str(c["tmp"] / OUT)], 1,
-     "does not match the SHA-256 that"),
-    ("bench: a truncated .onnx in the export", lambda c: [
-        "bench", _truncated_in_export(c, "model_float32.onnx"), "--out", str(c["tmp"] / OUT)], 1,
-     "does not match the SHA-256 that"),
-    ("bench: a .tflite missing from the export", lambda c: [
-        "bench", _missing_in_export(c, "model_float16.tflite"), "--out", str(c["tmp"] / OUT)], 1, "model_float16"),
+    # bench times only what export checked: a copy changed, cut or gone since is refused, never timed or recommended
+    *[(f"bench: {what} {name} in the export", lambda c, damage=damage, name=name: [
+        "bench", damage(c, name), "--out", str(c["tmp"] / OUT)], 1, want)
+      for what, damage, want in (
+          ("a bit-flipped", lambda c, n: str(pathlib.Path(_flipped(c, n)).parent), "does not match the SHA-256 that"),
+          ("a truncated", _truncated_in_export, "does not match the SHA-256 that"),
+          ("no", _missing_in_export, "but missing"))
+      for name in ("model_float32.onnx", "model_float16.tflite")],
     # compare
     ("compare: not a run", lambda c: ["compare", str(c["tmp"])], 1, "has no config.json"),
     ("compare: config.json a list", lambda c: ["compare", _run_copy(c, config="[]")], 1, "cannot read its config.json"),
@@ -521,9 +629,12 @@ CASES = [
     ("ensemble: damaged member", lambda c: ["ensemble", str(c["model_dir"]), _run_with_damaged_keras(c), "--out",
                                             str(c["tmp"] / OUT)], 1, "not a loadable Keras model"),
     # pipeline
-    ("pipeline: no manual dir", lambda c: ["pipeline", "--manual-dir", str(c["tmp"] / "nope"), "--out",
-                                           str(c["tmp"] / OUT), "--data-dir", str(c["tmp"] / "data")], 1,
+    ("pipeline: no manual dir", lambda c: ["pipeline", "--recipe", "finetune", "--manual-dir", str(c["tmp"] / "nope"),
+                                           "--out", str(c["tmp"] / OUT), "--data-dir", str(c["tmp"] / "data")], 1,
      "does not exist; point it at"),
+    ("pipeline: the model of record given COVID-CT alone", lambda c: [
+        "pipeline", "--manual-dir", str(DUMMY_DATA), "--out", str(c["tmp"] / OUT), "--data-dir",
+        str(c["tmp"] / "data")], 1, "cc_ccii needs its files"),
 ]
 
 
@@ -540,9 +651,11 @@ def _run_copy(ctx, config: str):
   return str(run)
 
 
-def _damaged_guard(ctx):
+def _damaged_guard(ctx, manifest=True):
   copy = _copy(ctx["exported"], ctx["tmp"] / "export")
   (copy / "guard.json").write_text("{")
+  if not manifest:
+    (copy / "manifest.json").unlink()
   return str(copy / "model_float32.onnx")
 
 
@@ -609,7 +722,7 @@ def _foreign_onnx(ctx, kind):
 
 
 def test_the_suite_is_large_enough():
-  assert len(CASES) >= 100 and len({c[0] for c in CASES}) == len(CASES)
+  assert len(CASES) >= 150 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("argv, code, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

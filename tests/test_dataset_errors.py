@@ -34,6 +34,21 @@ def _update_manifest(manual, member, data):
   manifest.write_text("\n".join(lines) + "\n")
 
 
+def _rehash_metadata(builder, monkeypatch, manual):
+  """The copy's metadata_hashes.tsv made to match its (edited) metadata and split files, and used: for tests of the
+  checks that come after the hash check."""
+  lines = []
+  for line in (manual / "metadata_hashes.tsv").read_text().splitlines():
+    if line.startswith("#"):
+      lines.append(line)
+      continue
+    rel = line.split("\t")[0]
+    data = (manual / rel).read_bytes()
+    lines.append(f"{rel}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}")
+  (manual / "metadata_hashes.tsv").write_text("\n".join(lines) + "\n")
+  monkeypatch.setattr(builder, "METADATA_HASHES", manual / "metadata_hashes.tsv")
+
+
 def _build_fails(manual, data_dir, match, builder_cls=None):
   with pytest.raises((CovidCtError, CovidctError), match=match) as err:
     dataset.build(manual_dir=str(manual), data_dir=str(data_dir))
@@ -75,9 +90,10 @@ def test_missing_split_file(dummy_builder, manual_copy, tmp_path):
   _build_fails(manual_copy, tmp_path / "d", r"valCT_COVID.txt is missing")
 
 
-def test_split_names_absent_image(dummy_builder, manual_copy, tmp_path):
+def test_split_names_absent_image(dummy_builder, monkeypatch, manual_copy, tmp_path):
   split = manual_copy / "Data-split/NonCOVID/testCT_NonCOVID.txt"
   split.write_text(split.read_text() + "no-such-image.png\n")
+  _rehash_metadata(dummy_builder, monkeypatch, manual_copy)
   msg = _build_fails(manual_copy, tmp_path / "d", "no-such-image.png")
   assert "testCT_NonCOVID.txt:3" in msg
 
@@ -90,9 +106,10 @@ def test_changed_count(dummy_builder, monkeypatch, manual_copy, tmp_path):
   assert "testCT_COVID.txt" in msg
 
 
-def test_patient_in_two_splits(dummy_builder, manual_copy, tmp_path):
+def test_patient_in_two_splits(dummy_builder, monkeypatch, manual_copy, tmp_path):
   meta = manual_copy / "NonCOVID-CT-MetaInfo.csv"
   meta.write_text(meta.read_text().replace("medpix_patient_112", "crawled_patient_0"))
+  _rehash_metadata(dummy_builder, monkeypatch, manual_copy)
   _build_fails(manual_copy, tmp_path / "d", "crawled_patient_0.*both 'train' and 'test'")
 
 
@@ -139,3 +156,45 @@ def test_cli_build_and_info(dummy_builder, tmp_path):
 def test_cli_info_without_dataset(tmp_path):
   result = CliRunner().invoke(main, ["data", "info", "--data-dir", str(tmp_path)])
   assert result.exit_code == 1 and "covidct data build" in result.output
+
+
+@pytest.mark.parametrize("rel, damage", [
+    ("NonCOVID-CT-MetaInfo.csv", lambda b: b.replace(b"medpix_patient_112", b"medpix_patient_113")),  # renumbered
+    ("NonCOVID-CT-MetaInfo.csv", lambda b: bytes(range(256)) * 4),  # binary
+    ("Data-split/COVID/trainCT_COVID.txt", lambda b: b"\x00\xff\xfe" * 50),  # binary split file
+    ("COVID-CT-MetaInfo.xlsx", lambda b: b[: len(b) // 2]),  # truncated workbook
+])
+def test_an_edited_or_damaged_metadata_or_split_file_stops_the_build(dummy_builder, manual_copy, tmp_path, rel,
+                                                                      damage):
+  """Metadata and split files are checked against their upstream SHA-256 before they are parsed (issue 32: a CSV
+  that renumbered patients built silently; binary ones gave tracebacks)."""
+  path = manual_copy / rel
+  path.write_bytes(damage(path.read_bytes()))
+  msg = _build_fails(manual_copy, tmp_path / "d", "is not the upstream file's")
+  assert rel.split("/")[-1] in msg
+
+
+def test_a_damaged_deflate_stream_in_a_zip_is_one_line(dummy_builder, manual_copy, tmp_path):
+  """Bytes flipped inside a compressed member: zlib's error names the member, no traceback."""
+  path = manual_copy / "Images-processed/CT_COVID.zip"
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(COVID_MEMBER)
+  data = bytearray(path.read_bytes())
+  start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+  for i in range(start + 10, start + min(info.compress_size, 200)):
+    data[i] ^= 0x55
+  path.write_bytes(bytes(data))
+  msg = _build_fails(manual_copy, tmp_path / "d", "cannot be read from the zip|does not match the manifest")
+  assert "CT_COVID.zip" in msg
+
+
+def test_a_manual_dir_given_for_a_prepared_source_is_said_to_be_unread(dummy_builder, manual_copy, tmp_path):
+  """A damaged manual dir pointed at a data dir that already holds the source: the build reuses what was verified
+  when it was made, and says that it did not read the folder (it used to answer 'ready' as if it had)."""
+  runner = CliRunner()
+  data = ["--data-dir", str(tmp_path / "d")]
+  assert runner.invoke(main, ["data", "build", "--manual-dir", str(manual_copy), *data]).exit_code == 0
+  (manual_copy / "NonCOVID-CT-MetaInfo.csv").write_bytes(b"\x00" * 10)
+  res = runner.invoke(main, ["data", "build", "--manual-dir", str(manual_copy), *data])
+  assert res.exit_code == 0 and f"already prepared: {manual_copy} was not read again" in res.output, res.output
+  assert "delete" in res.output

@@ -121,6 +121,14 @@ def test_verify_fails_on_a_perturbed_copy(exported, tmp_path):
   w = numpy_helper.to_array(last)
   last.CopyFrom(numpy_helper.from_array((w * 1.5).astype(w.dtype), last.name))
   onnx.save(model, str(copy / "model_float32.onnx"))
+  # Its own digest gives it away first: the weights no longer match what its metadata records.
+  res = CliRunner().invoke(main, ["verify", str(copy / "model_float32.onnx")])
+  assert res.exit_code == 1 and "do not match the digest in its own metadata" in res.output
+  # Without the digest (a copy written before there was one), its test vectors still do.
+  kept = [p for p in model.metadata_props if p.key != "weights_sha256"]
+  del model.metadata_props[:]
+  model.metadata_props.extend(kept)
+  onnx.save(model, str(copy / "model_float32.onnx"))
   res = CliRunner().invoke(main, ["verify", str(copy / "model_float32.onnx"), str(copy / "model_float32.tflite")])
   assert res.exit_code == 1 and "FAIL  " in res.output and "pass  " in res.output
   assert "1 of 2 artifact(s) do not give the SavedModel's answers here" in res.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -172,3 +173,66 @@ def test_a_push_measures_and_records_every_prepared_source(exported, dummy_data_
   assert rows["covid_ct"]["roc_auc"] == pytest.approx(blessing["test"]["roc_auc"])
   card = (tmp_path / "serving" / "1" / "MODEL_CARD.md").read_text()
   assert "## Every source's test split (SavedModel, measured at push)" in card and "**external**" in card
+
+
+def test_export_bench_evaluate_then_push_works_and_ships_only_the_export(exported, dummy_data_dir, tmp_path):
+  """The documented flow: `covidct bench EXPORT` writes EXPORT/bench/ and `covidct evaluate EXPORT/FILE` writes a
+  report folder beside the file; push neither refuses them as unlisted files nor ships them (issue 32)."""
+  copy = tmp_path / "export"
+  shutil.copytree(exported, copy)
+  data = ["--data-dir", str(dummy_data_dir)]
+  res = CliRunner().invoke(main, ["bench", str(copy), "--batch-sizes", "1", "--threads", "1", "--runs", "3",
+                                  "--warmup", "1", "--runtimes", "litert", *data])
+  assert res.exit_code == 0 and (copy / "bench" / "bench.json").is_file(), res.output
+  res = CliRunner().invoke(main, ["evaluate", str(copy / "model_float32.tflite"), "--bootstrap", "10", *data])
+  assert res.exit_code == 0, res.output
+  reports = [p.name for p in copy.iterdir() if p.is_dir() and "evaluation-" in p.name]
+  assert reports == ["model_float32-evaluation-test"]
+  res = CliRunner().invoke(main, ["push", str(copy), "--serving", str(tmp_path / "serving"), "--force", *data])
+  assert res.exit_code == 0, res.output
+  shipped = {p.name for p in (tmp_path / "serving" / "1" / "assets.extra").iterdir()}
+  assert "bench" not in shipped and not any("evaluation" in n for n in shipped)
+  (copy / "bench" / "notes.txt").write_text("not bench's")  # anything else in the export is still refused
+  (copy / "extra").mkdir()
+  (copy / "extra" / "x.bin").write_bytes(b"x")
+  res = CliRunner().invoke(main, ["push", str(copy), "--serving", str(tmp_path / "serving"), "--force", *data])
+  assert res.exit_code == 1 and "does not list (extra/x.bin)" in res.stderr, res.output
+
+
+def test_a_file_swapped_after_the_checks_is_not_pushed(exported, dummy_data_dir, tmp_path, monkeypatch):
+  """Push checks what it wrote: a copy changed between the checks and the copy (a race, or an attacker with write
+  access) is refused, and nothing is left behind."""
+  import covidct.push as push_module
+
+  real_stage = push_module.stage_version
+
+  def swapped(src, dst):
+    real_stage(src, dst)
+    target = pathlib.Path(dst) / "assets.extra" / "model_float32.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+  monkeypatch.setattr(push_module, "stage_version", swapped)
+  serving = tmp_path / "serving"
+  res = CliRunner().invoke(main, ["push", str(exported), "--serving", str(serving), "--force", "--data-dir",
+                                  str(dummy_data_dir), "--skip-infra-validation"])
+  assert res.exit_code == 1 and "model_float32.onnx changed while it was being pushed" in res.stderr, res.output
+  assert not serving.exists() or not [p for p in serving.iterdir() if p.name != "push"]
+  assert not list(serving.rglob(".push.partial*"))
+
+
+def test_the_model_card_shows_what_push_measured_not_what_the_manifest_claims(exported, dummy_data_dir, tmp_path):
+  """Forged test figures in a manifest (its own file has no hash) never reach the model card, even with --force."""
+  copy = tmp_path / "export"
+  shutil.copytree(exported, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  manifest["metrics"]["saved_model"]["test"]["roc_auc"] = 0.987654
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  res = CliRunner().invoke(main, ["push", str(copy), "--serving", str(tmp_path / "serving"), "--force",
+                                  "--skip-infra-validation", "--data-dir", str(dummy_data_dir)])
+  assert res.exit_code == 0, res.output
+  card = (tmp_path / "serving" / "1" / "MODEL_CARD.md").read_text()
+  blessing = json.loads((tmp_path / "serving" / "1" / "blessing.json").read_text())
+  assert "0.988" not in card and "measured at push" in card
+  assert f"{blessing['test']['roc_auc']:.3f}" in card.split("## Metrics")[1].split("##")[0]

@@ -38,11 +38,14 @@ def data_build(manual_dirs, sources_root, config, data_dir):
   else:  # without --config: the sources named (SOURCE=PATH) or found (--sources-root); else the default one
     dirs = dataset.manual_dirs_for(manual_dirs, sources_root, need=sources or ())
     dirs = {s: dirs.get(s) for s in sources} if sources else (dirs or {dataset.DEFAULT_SOURCE: None})
+  before = set(dataset.prepared_sources(data_dir))
   built = dataset.build_sources(dirs, data_dir=data_dir, progress=click.echo if len(dirs) > 1 else None)
   for source, builder in built.items():
     splits = builder.info.splits
+    reused = (f" (already prepared: {dirs[source]} was not read again; to rebuild from it, delete "
+              f"{builder.data_dir} first)" if source in before and dirs.get(source) else "")
     click.echo(f"covid_ct/{source} {builder.info.version} ready in {builder.data_dir}: " +
-               ", ".join(f"{s} {splits[s].num_examples}" for s in splits))
+               ", ".join(f"{s} {splits[s].num_examples}" for s in splits) + reused)
 
 
 @data.command("info")

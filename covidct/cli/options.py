@@ -130,12 +130,9 @@ TRAINING_OPTIONS = [
     click.option("--brightness", type=float, default=None, metavar="FRACTION",
                  help="Shift each augmented training image's brightness by a random fraction of 255 in "
                       "[-FRACTION, FRACTION] (needs augmentation; 0 turns it off)."),
-    click.option("--zoom", type=float, default=None, metavar="FRACTION",
-                 help="Zoom each augmented training image in or out by a random fraction up to this (needs "
-                      "augmentation; the recipes use 0.05)."),
-    click.option("--shift", type=float, default=None, metavar="FRACTION",
-                 help="Shift each augmented training image by a random fraction of its size up to this (needs "
-                      "augmentation; the recipes use 0.05)."),
+    *[click.option(f"--{name}", type=float, default=None, metavar="FRACTION",
+                   help=f"{what} each augmented training image by a random fraction up to this (needs augmentation; "
+                        "the recipes use 0.05).") for name, what in (("zoom", "Zoom in or out"), ("shift", "Shift"))],
     click.option("--resize-methods/--no-resize-methods", default=None,
                  help="Resize each augmented training image by a method drawn at random (bilinear with and without "
                       "antialiasing, area, bicubic, nearest), so consumers' resizes agree (needs augmentation)."),

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import zipfile
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -45,6 +46,9 @@ _EXPECTED_COUNTS = {
 }
 # Per-image SHA-256 of the upstream images: verified whatever zip they arrive in.
 _IMAGE_HASHES = epath.Path(__file__).parent / "image_hashes.tsv"
+# The upstream metadata sheet, metadata CSV and the six split files (path in the manual dir, size, SHA-256): checked
+# before any is parsed, so that an edited, renumbered or damaged one stops the build naming it.
+_METADATA_HASHES = epath.Path(__file__).parent / "metadata_hashes.tsv"
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -127,6 +131,18 @@ def _read_hashes(path: epath.Path) -> dict[str, str]:
       member, _, sha = line.split("\t")
       hashes[member] = sha
   return hashes
+
+
+def _check_metadata_files(paths: dict[str, epath.Path], manifest: epath.Path) -> None:
+  """Raises CovidCtError naming the first metadata or split file whose SHA-256 is not the upstream one."""
+  hashes = _read_hashes(manifest)
+  for key, rel in _FILES.items():
+    if rel not in hashes:
+      continue  # the zips: every image in them is checked against image_hashes.tsv
+    digest = hashlib.sha256(paths[key].read_bytes()).hexdigest()
+    if digest != hashes[rel]:
+      raise CovidCtError(f"{paths[key]}: SHA-256 {digest[:12]}... is not the upstream file's ({hashes[rel][:12]}..., "
+                         f"{manifest.name}); it was edited or damaged. Replace it with the upstream one.")
 
 
 def _open_zip(path: epath.Path) -> zipfile.ZipFile:
@@ -377,6 +393,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   # Class attributes so that a test on small fixtures can swap them.
   EXPECTED_COUNTS = _EXPECTED_COUNTS
   IMAGE_HASHES = _IMAGE_HASHES
+  METADATA_HASHES = _METADATA_HASHES
   SOURCE_MANIFESTS = _SOURCE_MANIFESTS
   SOURCE_COUNTS = _SOURCE_COUNTS
 
@@ -449,6 +466,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if name != DEFAULT_CONFIG:
       return self._source_split_generators(name, dl_manager)
     paths = self._locate_files(dl_manager)
+    _check_metadata_files(paths, epath.Path(self.METADATA_HASHES))
     index = read_index(paths, self.EXPECTED_COUNTS)
     hashes = _read_hashes(epath.Path(self.IMAGE_HASHES))
     return {split: self._generate_examples(paths, index[split], hashes) for split in _SPLITS}
@@ -499,7 +517,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         where = f"{paths[_ZIP_KEY[record.label]]}:{member}"
         try:
           data = zips[record.label].read(member)
-        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile, zlib.error) as e:
           raise CovidCtError(f"{where}: cannot be read from the zip ({e}); the zip is damaged, download it again.") from e
         if member not in hashes:
           raise CovidCtError(f"{where}: not in the image manifest {self.IMAGE_HASHES}; this is not the official release.")

@@ -46,7 +46,8 @@ class CovidCtTest(_Patched, tfds.testing.DatasetBuilderTestCase):
 
   @classmethod
   def patches(cls) -> dict:
-    return {"EXPECTED_COUNTS": _DUMMY_COUNTS, "IMAGE_HASHES": cls.dummy_data / "image_hashes.tsv"}
+    return {"EXPECTED_COUNTS": _DUMMY_COUNTS, "IMAGE_HASHES": cls.dummy_data / "image_hashes.tsv",
+            "METADATA_HASHES": cls.dummy_data / "metadata_hashes.tsv"}
 
   def test_examples_content(self):
     builder = self._make_builder()
